@@ -1,0 +1,533 @@
+"""Triton kernels of the fused linear divergence (minillm_fast.fused_divergence).
+
+Math (DESIGN.md section 2). Per row i, ``s = softcap(h_s W_s^T + b_s) / T`` and ``t = softcap(h_t W_t^T + b_t) / T``;
+``lq = s - lse(s)``, ``lp = t - lse(t)``; the loss is ``L = sum_v phi`` and the gradients with respect to s and t are
+
+    G_s = q*g - q * c_s,   c_s = sum_v q*g        G_t = p*h - p * c_t,   c_t = sum_v p*h
+
+with the per-entry ``phi, q*g, p*h`` of minillm_fast/divergences.py (`_terms` below is the same table in Triton).
+The gradient with respect to the raw logits is ``G / T`` times ``1 - tanh^2`` under a softcap; it then feeds two
+matmuls per model: ``grad_h = G W`` and ``grad_W = G^T h``.
+
+Two strategies share the tile helpers:
+
+* vocab-tiled (`_fused_divergence_fwd_kernel`, `_fused_divergence_bwd_kernel`): logits never leave registers. The
+  forward streams vocabulary tiles through ``tl.dot`` and keeps, per row, online max/sum-exp for both models (as
+  flash-attention does). For the two KLs it also keeps a shifted accumulator of ``sum e^(a - m_a) ((a - m_a) -
+  (b - m_b))``, rebased when either running maximum moves, so the loss comes out of the same single pass. Other
+  divergences are not linear in the unnormalised weights, so they take a second pass once both lse are known. The
+  forward stores O(N) statistics ``[lse_s, lse_t, c_s, c_t]``; the backward recomputes each (row block, vocab block)
+  tile on a 2D grid, forms G, and adds its two products into fp32 gradient buffers with atomics (so gradient sums
+  are not bitwise deterministic on GPU).
+* token-chunked (`_divergence_rows_kernel`): the caller computes a chunk of full-vocabulary logits with cuBLAS;
+  this kernel turns them into the per-row loss and statistics and overwrites them with G, ready for the gradient
+  matmuls. Minimum matmul count, memory O(chunk x V).
+
+fp32 inputs use IEEE fp32 dots unless MINILLM_FAST_ALLOW_TF32=1 (tf32 costs ~1e-3 relative error in the logits,
+far outside the fp32 error budget). fp64 is not supported by tl.dot; the torch backend takes fp64.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG_ZERO: tl.constexpr = -1.0e30  # finite "log 0": exp() of it is 0 and LOG_ZERO - LOG_ZERO is not NaN
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tile helpers
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    # libdevice.tanh does not run under the CPU interpreter; exp-based forms lose relative accuracy near 0
+    # (1 - e^(-2|x|) cancels), so small |x| takes the odd Taylor series (error < 1e-9 relative at |x| = 0.2).
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    r = tl.where(ax < 0.2, small, big)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _logaddexp(a, b):
+    m = tl.maximum(a, b)
+    return m + tl.log(tl.exp(a - m) + tl.exp(b - m))
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, o_n, o_v, N, V, H, stride_h, stride_w,
+                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Raw logits ``h[o_n] @ w[o_v]^T (+ b[o_v])`` as a [BLOCK_N, BLOCK_V] fp32 tile."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, H, BLOCK_H):
+        o_h = k + tl.arange(0, BLOCK_H)
+        b_h = tl.load(h_ptr + o_n[:, None] * stride_h + o_h[None, :],
+                      mask=(o_n[:, None] < N) & (o_h[None, :] < H), other=0.0)
+        b_w = tl.load(w_ptr + o_v[:, None] * stride_w + o_h[None, :],
+                      mask=(o_v[:, None] < V) & (o_h[None, :] < H), other=0.0)
+        acc = tl.dot(b_h, tl.trans(b_w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _scale(z, inv_temp, softcap, USE_SOFTCAP: tl.constexpr):
+    """``softcap(z) / T`` and the softcap's tanh (for its derivative ``1 - tanh^2``; z itself when unused)."""
+    if USE_SOFTCAP:
+        c = _tanh(z / softcap)
+        return softcap * c * inv_temp, c
+    else:
+        return z * inv_temp, z
+
+
+@triton.jit
+def _online_update(x, m, l):
+    """Fold a [BN, BV] tile (masked entries -inf) into running max ``m`` and sum-exp ``l`` [BN]."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    l_new = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+    return m_new, l_new
+
+
+@triton.jit
+def _kl_update(a, b, valid, m_a, l_a, m_b, m_a_new, m_b_new, acc):
+    """Online ``acc = sum e^(a - m_a) ((a - m_a) - (b - m_b))`` (KL(softmax a || softmax b) numerator).
+
+    Old terms are rebased to the new maxima: each one's bracket grows by (m_b_new - m_b) - (m_a_new - m_a), and its
+    weight shrinks by e^(m_a - m_a_new). ``l_a`` is the running sum *before* this tile.
+    """
+    acc = (acc + ((m_b_new - m_b) - (m_a_new - m_a)) * l_a) * tl.exp(m_a - m_a_new)
+    da = a - m_a_new[:, None]
+    db = b - m_b_new[:, None]
+    return acc + tl.sum(tl.where(valid, tl.exp(da) * (da - db), 0.0), 1)
+
+
+@triton.jit
+def _terms(lq, lp, KIND: tl.constexpr, log_w, log_1mw):
+    """Per-entry ``(phi, q*g, p*h)``; the table in minillm_fast/divergences.py, same order of kinds."""
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if KIND == 0:  # reverse KL(q || p)
+        d = lq - lp
+        phi = q * d
+        qg = q * (d + 1.0)
+        ph = -q
+    elif KIND == 1:  # forward KL(p || q)
+        d = lp - lq
+        phi = p * d
+        qg = -p
+        ph = p * (d + 1.0)
+    elif KIND == 2:  # generalised JSD, m = beta p + (1 - beta) q
+        lm = _logaddexp(lp + log_w, lq + log_1mw)
+        qg = tl.exp(lq + log_1mw) * (lq - lm)
+        ph = tl.exp(lp + log_w) * (lp - lm)
+        phi = qg + ph
+    elif KIND == 3:  # total variation
+        sgn = tl.where(q > p, 1.0, tl.where(q < p, -1.0, 0.0))
+        phi = 0.5 * tl.abs(p - q)
+        qg = 0.5 * q * sgn
+        ph = -0.5 * p * sgn
+    elif KIND == 4:  # skew forward KL(p || a p + (1 - a) q)
+        lm = _logaddexp(lp + log_w, lq + log_1mw)
+        d = lp - lm
+        phi = p * d
+        qg = -tl.exp(log_1mw + lp + lq - lm)
+        ph = p * (d + 1.0 - tl.exp(log_w + d))
+    else:  # KIND == 5, skew reverse KL(q || a q + (1 - a) p)
+        lm = _logaddexp(lq + log_w, lp + log_1mw)
+        d = lq - lm
+        phi = q * d
+        qg = q * (d + 1.0 - tl.exp(log_w + d))
+        ph = -tl.exp(log_1mw + lp + lq - lm)
+    return phi, qg, ph
+
+
+@triton.jit
+def _finish_kl(m_s, l_s, m_t, l_t, acc, KIND: tl.constexpr):
+    """Row statistics of a KL from the single-pass accumulators: lse_s, lse_t, loss, c_s, c_t."""
+    log_ls = tl.log(l_s)
+    log_lt = tl.log(l_t)
+    if KIND == 0:  # E_q[lq - lp]; c_s = L + 1, c_t = sum(-q) = -1
+        loss = acc / l_s - log_ls + log_lt
+        c_s = loss + 1.0
+        c_t = tl.full(loss.shape, -1.0, tl.float32)
+    else:  # E_p[lp - lq]; c_s = sum(-p) = -1, c_t = L + 1
+        loss = acc / l_t - log_lt + log_ls
+        c_s = tl.full(loss.shape, -1.0, tl.float32)
+        c_t = loss + 1.0
+    return m_s + log_ls, m_t + log_lt, loss, c_s, c_t
+
+
+@triton.jit
+def _store_stats(loss_ptr, stats_ptr, o_n, m_n, lse_s, lse_t, loss, c_s, c_t):
+    tl.store(loss_ptr + o_n, loss, mask=m_n)
+    tl.store(stats_ptr + o_n * 4 + 0, lse_s, mask=m_n)
+    tl.store(stats_ptr + o_n * 4 + 1, lse_t, mask=m_n)
+    tl.store(stats_ptr + o_n * 4 + 2, c_s, mask=m_n)
+    tl.store(stats_ptr + o_n * 4 + 3, c_t, mask=m_n)
+
+
+@triton.jit
+def _grad_tiles(s, t, c_soft_s, c_soft_t, valid, lse_s, lse_t, c_s, c_t, scale,
+                KIND: tl.constexpr, log_w, log_1mw, USE_SOFTCAP: tl.constexpr):
+    """dL/dz for both models on one tile; ``scale`` [BN] is upstream gradient x 1/T per row."""
+    lq = tl.where(valid, s - lse_s[:, None], 0.0)
+    lp = tl.where(valid, t - lse_t[:, None], 0.0)
+    _, qg, ph = _terms(lq, lp, KIND, log_w, log_1mw)
+    g_s = (qg - tl.exp(lq) * c_s[:, None]) * scale[:, None]
+    g_t = (ph - tl.exp(lp) * c_t[:, None]) * scale[:, None]
+    if USE_SOFTCAP:
+        g_s = g_s * (1.0 - c_soft_s * c_soft_s)
+        g_t = g_t * (1.0 - c_soft_t * c_soft_t)
+    return tl.where(valid, g_s, 0.0), tl.where(valid, g_t, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# vocab-tiled strategy
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fused_divergence_fwd_kernel(
+    # data ptrs
+    hs_ptr, ws_ptr, bs_ptr,   # student hidden [N, HS], head [V, HS], bias [V]
+    ht_ptr, wt_ptr, bt_ptr,   # teacher hidden [N, HT], head [V, HT], bias [V]
+    loss_ptr,                 # out [N] fp32: per-row divergence
+    stats_ptr,                # out [N, 4] fp32: lse_s, lse_t, c_s, c_t
+    # shapes
+    N, V, HS, HT,
+    # strides (rows; the last dimension is contiguous)
+    stride_hs, stride_ws, stride_ht, stride_wt,
+    # constants
+    inv_temp, softcap, log_w, log_1mw,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+
+    m_s = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
+    l_s = tl.zeros((BLOCK_N,), tl.float32)
+    m_t = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
+    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        valid = (o_v < V)[None, :]
+        z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
+                         HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        s, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+        s = tl.where(valid, s, LOG_ZERO)
+        z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
+                         HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        t, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+        t = tl.where(valid, t, LOG_ZERO)
+        m_s_new, l_s_new = _online_update(s, m_s, l_s)
+        m_t_new, l_t_new = _online_update(t, m_t, l_t)
+        if KIND == 0:
+            acc = _kl_update(s, t, valid, m_s, l_s, m_t, m_s_new, m_t_new, acc)
+        elif KIND == 1:
+            acc = _kl_update(t, s, valid, m_t, l_t, m_s, m_t_new, m_s_new, acc)
+        m_s, l_s, m_t, l_t = m_s_new, l_s_new, m_t_new, l_t_new
+
+    if KIND <= 1:
+        lse_s, lse_t, loss, c_s, c_t = _finish_kl(m_s, l_s, m_t, l_t, acc, KIND)
+    else:
+        # Second pass: phi and the gradient constants need normalised probabilities.
+        lse_s = m_s + tl.log(l_s)
+        lse_t = m_t + tl.log(l_t)
+        loss = tl.zeros((BLOCK_N,), tl.float32)
+        c_s = tl.zeros((BLOCK_N,), tl.float32)
+        c_t = tl.zeros((BLOCK_N,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            valid = (o_v < V)[None, :]
+            z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
+                             HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            s, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+            z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
+                             HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+            t, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+            lq = tl.where(valid, s - lse_s[:, None], 0.0)
+            lp = tl.where(valid, t - lse_t[:, None], 0.0)
+            phi, qg, ph = _terms(lq, lp, KIND, log_w, log_1mw)
+            loss += tl.sum(tl.where(valid, phi, 0.0), 1)
+            c_s += tl.sum(tl.where(valid, qg, 0.0), 1)
+            c_t += tl.sum(tl.where(valid, ph, 0.0), 1)
+    _store_stats(loss_ptr, stats_ptr, o_n, m_n, lse_s, lse_t, loss, c_s, c_t)
+
+
+@triton.jit
+def _accumulate_head_grads(g, h_ptr, w_ptr, gh_ptr, gw_ptr, gb_ptr, o_n, o_v, N, V, H, stride_h, stride_w,
+                           NEED_GH: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Add ``g @ W[o_v]`` into grad_h[o_n] and ``g^T @ h[o_n]`` into grad_W[o_v] (fp32, atomics), column block by
+    column block of H so the [BN, H] and [BV, H] products never need to fit in registers at once."""
+    m_nv = o_n[:, None] < N
+    m_vv = o_v[:, None] < V
+    if NEED_GB:
+        tl.atomic_add(gb_ptr + o_v, tl.sum(g, 0), mask=o_v < V)
+    for k in range(0, H, BLOCK_H):
+        o_h = k + tl.arange(0, BLOCK_H)
+        m_h = (o_h < H)[None, :]
+        if NEED_GH:
+            b_w = tl.load(w_ptr + o_v[:, None] * stride_w + o_h[None, :], mask=m_vv & m_h, other=0.0)
+            gh = tl.dot(g.to(b_w.dtype), b_w, input_precision=DOT_PRECISION)
+            tl.atomic_add(gh_ptr + o_n[:, None] * H + o_h[None, :], gh, mask=m_nv & m_h)
+        if NEED_GW:
+            b_h = tl.load(h_ptr + o_n[:, None] * stride_h + o_h[None, :], mask=m_nv & m_h, other=0.0)
+            gw = tl.dot(tl.trans(g.to(b_h.dtype)), b_h, input_precision=DOT_PRECISION)
+            tl.atomic_add(gw_ptr + o_v[:, None] * H + o_h[None, :], gw, mask=m_vv & m_h)
+
+
+@triton.jit
+def _fused_divergence_bwd_kernel(
+    # data ptrs
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
+    stats_ptr,                   # [N, 4] fp32 from the forward
+    row_grad_ptr,                # [N] fp32 upstream gradient of each row's loss (0 for ignored rows)
+    ghs_ptr, gws_ptr, gbs_ptr,   # fp32 accumulators [N, HS], [V, HS], [V] (atomics)
+    ght_ptr, gwt_ptr, gbt_ptr,   # fp32 accumulators [N, HT], [V, HT], [V]
+    # shapes
+    N, V, HS, HT,
+    # strides
+    stride_hs, stride_ws, stride_ht, stride_wt,
+    # constants
+    inv_temp, softcap, log_w, log_1mw,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    NEED_GHS: tl.constexpr, NEED_GWS: tl.constexpr, NEED_GBS: tl.constexpr,
+    NEED_GHT: tl.constexpr, NEED_GWT: tl.constexpr, NEED_GBT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_v = tl.program_id(1)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    m_n = o_n < N
+    valid = m_n[:, None] & (o_v < V)[None, :]
+
+    lse_s = tl.load(stats_ptr + o_n * 4 + 0, mask=m_n, other=0.0)
+    lse_t = tl.load(stats_ptr + o_n * 4 + 1, mask=m_n, other=0.0)
+    c_s = tl.load(stats_ptr + o_n * 4 + 2, mask=m_n, other=0.0)
+    c_t = tl.load(stats_ptr + o_n * 4 + 3, mask=m_n, other=0.0)
+    scale = tl.load(row_grad_ptr + o_n, mask=m_n, other=0.0) * inv_temp
+
+    z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
+                     HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    s, cap_s = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+    z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
+                     HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    t, cap_t = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+    g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, lse_s, lse_t, c_s, c_t, scale,
+                           KIND, log_w, log_1mw, USE_SOFTCAP)
+    if NEED_GHS or NEED_GWS or NEED_GBS:
+        _accumulate_head_grads(g_s, hs_ptr, ws_ptr, ghs_ptr, gws_ptr, gbs_ptr, o_n, o_v, N, V, HS,
+                               stride_hs, stride_ws, NEED_GHS, NEED_GWS, NEED_GBS, DOT_PRECISION, BLOCK_H)
+    if NEED_GHT or NEED_GWT or NEED_GBT:
+        _accumulate_head_grads(g_t, ht_ptr, wt_ptr, ght_ptr, gwt_ptr, gbt_ptr, o_n, o_v, N, V, HT,
+                               stride_ht, stride_wt, NEED_GHT, NEED_GWT, NEED_GBT, DOT_PRECISION, BLOCK_H)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# token-chunked strategy: rows of materialised chunk logits
+# ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _divergence_rows_kernel(
+    # data ptrs
+    zs_ptr, zt_ptr,         # [C, V] fp32 raw logits of the chunk; overwritten with dL/dz when grads are wanted
+    loss_ptr,               # out [C] fp32
+    stats_ptr,              # out [C, 4] fp32
+    row_grad_ptr,           # [C] fp32 upstream gradient per row
+    # shapes
+    C, V,
+    # strides
+    stride_zs, stride_zt,
+    # constants
+    inv_temp, softcap, log_w, log_1mw,
+    KIND: tl.constexpr, USE_SOFTCAP: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < C
+
+    m_s = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
+    l_s = tl.zeros((BLOCK_N,), tl.float32)
+    m_t = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
+    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        valid = m_n[:, None] & (o_v < V)[None, :]
+        s, _ = _scale(tl.load(zs_ptr + o_n[:, None] * stride_zs + o_v[None, :], mask=valid, other=0.0),
+                      inv_temp, softcap, USE_SOFTCAP)
+        t, _ = _scale(tl.load(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], mask=valid, other=0.0),
+                      inv_temp, softcap, USE_SOFTCAP)
+        s = tl.where(valid, s, LOG_ZERO)
+        t = tl.where(valid, t, LOG_ZERO)
+        m_s_new, l_s_new = _online_update(s, m_s, l_s)
+        m_t_new, l_t_new = _online_update(t, m_t, l_t)
+        if KIND == 0:
+            acc = _kl_update(s, t, valid, m_s, l_s, m_t, m_s_new, m_t_new, acc)
+        elif KIND == 1:
+            acc = _kl_update(t, s, valid, m_t, l_t, m_s, m_t_new, m_s_new, acc)
+        m_s, l_s, m_t, l_t = m_s_new, l_s_new, m_t_new, l_t_new
+
+    if KIND <= 1:
+        lse_s, lse_t, loss, c_s, c_t = _finish_kl(m_s, l_s, m_t, l_t, acc, KIND)
+    else:
+        lse_s = m_s + tl.log(l_s)
+        lse_t = m_t + tl.log(l_t)
+        loss = tl.zeros((BLOCK_N,), tl.float32)
+        c_s = tl.zeros((BLOCK_N,), tl.float32)
+        c_t = tl.zeros((BLOCK_N,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            valid = m_n[:, None] & (o_v < V)[None, :]
+            s, _ = _scale(tl.load(zs_ptr + o_n[:, None] * stride_zs + o_v[None, :], mask=valid, other=0.0),
+                          inv_temp, softcap, USE_SOFTCAP)
+            t, _ = _scale(tl.load(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], mask=valid, other=0.0),
+                          inv_temp, softcap, USE_SOFTCAP)
+            lq = tl.where(valid, s - lse_s[:, None], 0.0)
+            lp = tl.where(valid, t - lse_t[:, None], 0.0)
+            phi, qg, ph = _terms(lq, lp, KIND, log_w, log_1mw)
+            loss += tl.sum(tl.where(valid, phi, 0.0), 1)
+            c_s += tl.sum(tl.where(valid, qg, 0.0), 1)
+            c_t += tl.sum(tl.where(valid, ph, 0.0), 1)
+    _store_stats(loss_ptr, stats_ptr, o_n, m_n, lse_s, lse_t, loss, c_s, c_t)
+
+    if GRAD_S or GRAD_T:
+        scale = tl.load(row_grad_ptr + o_n, mask=m_n, other=0.0) * inv_temp
+        for v0 in range(0, V, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            valid = m_n[:, None] & (o_v < V)[None, :]
+            p_s = zs_ptr + o_n[:, None] * stride_zs + o_v[None, :]
+            p_t = zt_ptr + o_n[:, None] * stride_zt + o_v[None, :]
+            s, cap_s = _scale(tl.load(p_s, mask=valid, other=0.0), inv_temp, softcap, USE_SOFTCAP)
+            t, cap_t = _scale(tl.load(p_t, mask=valid, other=0.0), inv_temp, softcap, USE_SOFTCAP)
+            g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, lse_s, lse_t, c_s, c_t, scale,
+                                   KIND, log_w, log_1mw, USE_SOFTCAP)
+            if GRAD_S:
+                tl.store(p_s, g_s, mask=valid)
+            if GRAD_T:
+                tl.store(p_t, g_t, mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype):
+    if dtype == torch.float32 and os.environ.get("MINILLM_FAST_ALLOW_TF32") != "1":
+        return "ieee"
+    return None  # bf16 / fp16 dots (or tf32 when allowed): Triton's default
+
+
+def _tile_config(device: torch.device):
+    if device.type == "cuda":
+        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8)
+    # Interpreter: tiles small enough that the tests' awkward sizes straddle tile edges.
+    return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32)
+
+
+def _check_supported(*tensors: Optional[torch.Tensor]) -> None:
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype == torch.float64:
+            raise TypeError("the triton backend takes float32, bfloat16 or float16 inputs, got float64; "
+                            "use backend='torch' for float64")
+        if t.device.type != "cuda" and not INTERPRET:
+            raise RuntimeError(f"the triton backend needs CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 "
+                               "before importing minillm_fast to run it on the CPU (slow, for tests)")
+
+
+def _rowmajor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
+
+
+def fused_divergence_fwd(hs, ws, bs, ht, wt, bt, *, kind: int, log_w: float, log_1mw: float,
+                         temperature: float, softcap: float, vocab_size: int):
+    """Vocab-tiled forward. hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise for the teacher.
+
+    Returns ``loss [N]`` fp32 (per-row divergence) and ``stats [N, 4]`` fp32 (lse_s, lse_t, c_s, c_t).
+    """
+    _check_supported(hs, ws, bs, ht, wt, bt)
+    hs, ws, ht, wt = (_rowmajor(x) for x in (hs, ws, ht, wt))
+    n = hs.shape[0]
+    loss = torch.empty(n, device=hs.device, dtype=torch.float32)
+    stats = torch.empty(n, 4, device=hs.device, dtype=torch.float32)
+    cfg = _tile_config(hs.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    _fused_divergence_fwd_kernel[grid](
+        hs, ws, bs, ht, wt, bt, loss, stats,
+        n, vocab_size, hs.shape[1], ht.shape[1],
+        hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
+        1.0 / temperature, softcap, log_w, log_1mw,
+        KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None, USE_SOFTCAP=softcap > 0,
+        DOT_PRECISION=_dot_precision(hs.dtype), **cfg,
+    )
+    return loss, stats
+
+
+def fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_grad, *, kind: int, log_w: float, log_1mw: float,
+                         temperature: float, softcap: float, vocab_size: int, needs: tuple):
+    """Vocab-tiled backward. ``row_grad [N]`` fp32 is the upstream gradient of each row's loss.
+
+    needs: six bools (grad of hs, ws, bs, ht, wt, bt). Returns those six gradients (None where not needed) in the
+    inputs' dtypes; padded vocabulary rows get zero gradient.
+    """
+    _check_supported(hs, ws, bs, ht, wt, bt)
+    hs, ws, ht, wt = (_rowmajor(x) for x in (hs, ws, ht, wt))
+    f32 = dict(device=hs.device, dtype=torch.float32)
+    shapes = (hs.shape, ws.shape, ws.shape[:1], ht.shape, wt.shape, wt.shape[:1])
+    bufs = [torch.zeros(shape, **f32) if need else None for need, shape in zip(needs, shapes)]
+    dummy = torch.empty(1, **f32)  # a pointer for buffers the kernel is told not to touch
+    ptrs = [b if b is not None else dummy for b in bufs]
+    n = hs.shape[0]
+    cfg = _tile_config(hs.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(vocab_size, cfg["BLOCK_V"]))
+    _fused_divergence_bwd_kernel[grid](
+        hs, ws, bs, ht, wt, bt, stats, row_grad.float().contiguous(), *ptrs,
+        n, vocab_size, hs.shape[1], ht.shape[1],
+        hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
+        1.0 / temperature, softcap, log_w, log_1mw,
+        KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None, USE_SOFTCAP=softcap > 0,
+        NEED_GHS=needs[0], NEED_GWS=needs[1], NEED_GBS=needs[2],
+        NEED_GHT=needs[3], NEED_GWT=needs[4], NEED_GBT=needs[5],
+        DOT_PRECISION=_dot_precision(hs.dtype), **cfg,
+    )
+    dtypes = (hs.dtype, ws.dtype, ws.dtype, ht.dtype, wt.dtype, wt.dtype)
+    return tuple(None if b is None else b.to(dt) for b, dt in zip(bufs, dtypes))
+
+
+def divergence_rows(zs, zt, row_grad, *, kind: int, log_w: float, log_1mw: float, temperature: float,
+                    softcap: float, grad_s: bool, grad_t: bool):
+    """Chunk rows: zs, zt [C, V] fp32 raw logits (contiguous rows); row_grad [C] fp32.
+
+    Returns ``loss [C]``, ``stats [C, 4]``; when grad_s / grad_t, zs / zt are overwritten in place with dL/dz
+    (already multiplied by row_grad) and returned, else None.
+    """
+    _check_supported(zs, zt)
+    c, v = zs.shape
+    loss = torch.empty(c, device=zs.device, dtype=torch.float32)
+    stats = torch.empty(c, 4, device=zs.device, dtype=torch.float32)
+    block_n = 4 if zs.device.type == "cuda" else 8
+    block_v = 2048 if zs.device.type == "cuda" else 256
+    _divergence_rows_kernel[(triton.cdiv(c, block_n),)](
+        zs, zt, loss, stats, row_grad,
+        c, v, zs.stride(0), zt.stride(0),
+        1.0 / temperature, softcap, log_w, log_1mw,
+        KIND=kind, USE_SOFTCAP=softcap > 0, GRAD_S=grad_s, GRAD_T=grad_t,
+        BLOCK_N=block_n, BLOCK_V=block_v,
+    )
+    return loss, stats, (zs if grad_s else None), (zt if grad_t else None)

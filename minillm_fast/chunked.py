@@ -1,0 +1,151 @@
+"""Token-chunked strategy of the fused divergence: the torch backend, and the triton backend's default.
+
+Rows are taken C at a time; each chunk's full-vocabulary logits ``[C, V]`` are computed with one matmul per model
+(BLAS / cuBLAS), turned into per-row losses and the gradient ``G = dL/dz`` by a *rows function* (pure PyTorch here,
+or the Triton row kernel), and G goes straight into the gradient matmuls. Memory is O(C x V) whatever N is.
+
+When the loss is reduced to a scalar, the gradients are computed during the forward pass (4 matmuls in all, the
+floor of DESIGN.md section 4) and the backward only scales them by the upstream scalar. For ``reduction="none"`` the
+upstream gradient is per row and unknown in the forward, so the backward recomputes the chunks (6 matmuls).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import divergences
+from .divergences import Divergence
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    """What every backend needs to know about the op besides the tensors."""
+
+    div: Divergence
+    temperature: float
+    softcap: float  # 0.0: no softcap
+    vocab_size: int
+
+    @property
+    def kernel_args(self) -> dict:
+        log_w, log_1mw = self.div.log_weights
+        return dict(kind=self.div.kind, log_w=log_w, log_1mw=log_1mw, temperature=self.temperature,
+                    softcap=self.softcap)
+
+
+# A rows function: (zs [C, V], zt [C, V], row_grad [C] | None, cfg, grad_s, grad_t) -> (loss [C], stats [C, 4],
+# dL/dzs [C, V] | None, dL/dzt [C, V] | None). It may overwrite zs and zt.
+RowsFn = Callable[..., tuple]
+
+
+def torch_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg: DivergenceConfig,
+               grad_s: bool, grad_t: bool):
+    """The rows function in plain PyTorch (closed-form gradients of divergences.terms)."""
+    inv_t = 1.0 / cfg.temperature
+    cap_s = cap_t = None
+    if cfg.softcap:
+        cap_s, cap_t = torch.tanh(zs / cfg.softcap), torch.tanh(zt / cfg.softcap)
+        zs, zt = cap_s * cfg.softcap, cap_t * cfg.softcap
+    s, t = zs * inv_t, zt * inv_t
+    lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
+    lq, lp = s - lse_s[:, None], t - lse_t[:, None]
+    phi, qg, ph = divergences.terms(lq, lp, cfg.div)
+    loss, c_s, c_t = phi.sum(-1), qg.sum(-1), ph.sum(-1)
+    stats = torch.stack([lse_s, lse_t, c_s, c_t], dim=1)
+    g_s = g_t = None
+    if grad_s or grad_t:
+        scale = (row_grad * inv_t)[:, None]
+        if grad_s:
+            g_s = (qg - lq.exp() * c_s[:, None]) * scale
+            if cap_s is not None:
+                g_s = g_s * (1 - cap_s * cap_s)
+        if grad_t:
+            g_t = (ph - lp.exp() * c_t[:, None]) * scale
+            if cap_t is not None:
+                g_t = g_t * (1 - cap_t * cap_t)
+    return loss, stats, g_s, g_t
+
+
+def triton_rows(zs, zt, row_grad, cfg: DivergenceConfig, grad_s: bool, grad_t: bool):
+    from .backends import triton_kernels
+
+    if row_grad is None:
+        row_grad = zs.new_zeros(zs.shape[0])
+    return triton_kernels().divergence_rows(zs, zt, row_grad.float().contiguous(), grad_s=grad_s, grad_t=grad_t,
+                                            **cfg.kernel_args)
+
+
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    z = h @ w.T if b is None else torch.addmm(b, h, w.T)
+    return z.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+
+
+class _HeadGrads:
+    """Gradient buffers of one model (hidden, head, bias), accumulated in fp32 (fp64 for fp64 inputs)."""
+
+    def __init__(self, h, w, b, needs, vocab_size):
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        self.h, self.w, self.vocab_size = h, w[:vocab_size], vocab_size
+        self.gh = torch.empty_like(h) if needs[0] else None
+        self.gw = torch.zeros(w.shape, dtype=acc, device=w.device) if needs[1] else None
+        self.gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if (needs[2] and b is not None) else None
+        self.w_dtype = w.dtype
+
+    @property
+    def any(self) -> bool:
+        return self.gh is not None or self.gw is not None or self.gb is not None
+
+    def add(self, rows: slice, g: torch.Tensor) -> None:
+        """Fold ``g = dL/dz`` of the chunk ``rows`` ([C, V] fp32) into the buffers."""
+        g_in = g.to(self.h.dtype)  # the gradient matmuls run in the inputs' dtype, as autograd's would
+        if self.gh is not None:
+            torch.mm(g_in, self.w, out=self.gh[rows])
+        if self.gw is not None:
+            gw = self.gw[: self.vocab_size]
+            if g_in.dtype == gw.dtype:
+                gw.addmm_(g_in.T, self.h[rows])
+            else:
+                gw += (g_in.T @ self.h[rows]).to(gw.dtype)
+        if self.gb is not None:
+            self.gb[: self.vocab_size] += g.sum(0).to(self.gb.dtype)
+
+    def result(self):
+        return (self.gh,
+                None if self.gw is None else self.gw.to(self.w_dtype),
+                None if self.gb is None else self.gb.to(self.w_dtype))
+
+
+def run(hs, ws, bs, ht, wt, bt, cfg: DivergenceConfig, *, rows_fn: RowsFn, chunk_size: int,
+        row_grad: Optional[torch.Tensor], needs: tuple, want_loss: bool = True):
+    """One sweep over the rows, chunk by chunk.
+
+    hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise the teacher; row_grad [N] fp32 (the upstream gradient of
+    each row's loss: row scales in a forward that computes gradients, upstream x scales in a backward) or None.
+    needs: six bools (grads of hs, ws, bs, ht, wt, bt). Returns ``loss [N]`` and ``stats [N, 4]`` (or None when not
+    want_loss) and the six gradients (None where not needed).
+    """
+    n, v = hs.shape[0], cfg.vocab_size
+    f = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=f, device=hs.device) if want_loss else None
+    stats = torch.empty(n, 4, dtype=f, device=hs.device) if want_loss else None
+    student = _HeadGrads(hs, ws, bs, needs[:3], v)
+    teacher = _HeadGrads(ht, wt, bt, needs[3:], v)
+    ws_v, wt_v = ws[:v], wt[:v]
+    bs_v = None if bs is None else bs[:v]
+    bt_v = None if bt is None else bt[:v]
+    for start in range(0, n, chunk_size):
+        rows = slice(start, min(start + chunk_size, n))
+        zs = _chunk_logits(hs[rows], ws_v, bs_v)
+        zt = _chunk_logits(ht[rows], wt_v, bt_v)
+        rg = None if row_grad is None else row_grad[rows]
+        l_c, st_c, g_s, g_t = rows_fn(zs, zt, rg, cfg, student.any, teacher.any)
+        if want_loss:
+            loss[rows] = l_c
+            stats[rows] = st_c
+        if g_s is not None:
+            student.add(rows, g_s)
+        if g_t is not None:
+            teacher.add(rows, g_t)
+    return loss, stats, (*student.result(), *teacher.result())

@@ -1,0 +1,66 @@
+"""Pure-PyTorch references: every op of the package written the plain way, on materialised logits.
+
+These are the ground truth for the tests (run on float64 copies of the inputs) and the "naive" baseline of the
+benchmarks (run on the inputs as they are). They allocate ``[N, V]`` tensors on purpose; the fast paths never do.
+Gradients come from autograd through these formulas, so they check the kernels' closed-form gradients independently.
+
+Logits are computed in the inputs' dtype (as a model's lm_head would) and then upcast: to float64 for float64 inputs,
+to float32 otherwise; that is the naive computation whose error the fast paths are measured against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import divergences
+
+
+def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           *, vocab_size: Optional[int] = None, softcap: Optional[float] = None,
+           temperature: float = 1.0) -> torch.Tensor:
+    """``[..., V]`` scaled logits ``softcap(h W^T + b) / T`` over the first ``vocab_size`` rows of the head.
+
+    hidden [..., H], weight [V_pad, H], bias [V_pad] or None. Computed in the inputs' dtype, returned as float64 for
+    float64 inputs and float32 otherwise.
+    """
+    v = weight.shape[0] if vocab_size is None else vocab_size
+    z = hidden @ weight[:v].T
+    if bias is not None:
+        z = z + bias[:v]
+    z = z.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def fused_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
+                     divergence: str = "reverse_kl", labels=None, ignore_index: int = -100, mask=None,
+                     token_weights=None, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                     reduction: str = "mean", student_bias=None, teacher_bias=None, vocab_size=None,
+                     softcap=None) -> torch.Tensor:
+    """Reference of :func:`minillm_fast.fused_divergence` (same arguments, no ``backend``).
+
+    student_hidden [..., Hs], student_weight [V, Hs], teacher_hidden [..., Ht], teacher_weight [V, Ht];
+    labels / mask / token_weights [...]. Returns a scalar (mean over kept tokens, or sum) or ``[...]`` (none).
+    """
+    div = divergences.resolve(divergence, beta, skew)
+    lead = student_hidden.shape[:-1]
+    s = logits(student_hidden, student_weight, student_bias, vocab_size=vocab_size, softcap=softcap,
+               temperature=temperature)
+    t = logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size=vocab_size, softcap=softcap,
+               temperature=temperature)
+    per_token = divergences.phi(torch.log_softmax(s, -1), torch.log_softmax(t, -1), div).sum(-1)  # [...]
+
+    keep = torch.ones(lead, dtype=torch.bool, device=s.device)
+    if labels is not None:
+        keep &= labels != ignore_index
+    if mask is not None:
+        keep &= mask.bool()
+    weighted = per_token if token_weights is None else per_token * token_weights.detach().to(per_token.dtype)
+    weighted = torch.where(keep, weighted, torch.zeros_like(weighted))
+    if reduction == "none":
+        return weighted
+    if reduction == "sum":
+        return weighted.sum()
+    return weighted.sum() / keep.sum().clamp(min=1)

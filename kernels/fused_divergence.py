@@ -455,6 +455,18 @@ def _rowmajor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
 
+def interpreter_safe(*tensors):
+    """The tensors, with bf16 ones upcast to fp32 under TRITON_INTERPRET (unchanged on GPU).
+
+    Triton's interpreter (3.x) gets ``tl.dot`` of bf16 operands wrong: it multiplies the raw 16-bit patterns
+    (logits ~1e10). The upcast is exact and a GPU's bf16 dot also forms exact products accumulated in fp32, so the
+    interpreter still computes what the GPU does, up to accumulation order.
+    """
+    if not INTERPRET:
+        return tensors
+    return tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in tensors)
+
+
 def fused_divergence_fwd(hs, ws, bs, ht, wt, bt, *, kind: int, log_w: float, log_1mw: float,
                          temperature: float, softcap: float, vocab_size: int):
     """Vocab-tiled forward. hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise for the teacher.
@@ -462,7 +474,7 @@ def fused_divergence_fwd(hs, ws, bs, ht, wt, bt, *, kind: int, log_w: float, log
     Returns ``loss [N]`` fp32 (per-row divergence) and ``stats [N, 4]`` fp32 (lse_s, lse_t, c_s, c_t).
     """
     _check_supported(hs, ws, bs, ht, wt, bt)
-    hs, ws, ht, wt = (_rowmajor(x) for x in (hs, ws, ht, wt))
+    hs, ws, bs, ht, wt, bt = interpreter_safe(*(_rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
     n = hs.shape[0]
     loss = torch.empty(n, device=hs.device, dtype=torch.float32)
     stats = torch.empty(n, 4, device=hs.device, dtype=torch.float32)
@@ -487,7 +499,8 @@ def fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_grad, *, kind: int, 
     inputs' dtypes; padded vocabulary rows get zero gradient.
     """
     _check_supported(hs, ws, bs, ht, wt, bt)
-    hs, ws, ht, wt = (_rowmajor(x) for x in (hs, ws, ht, wt))
+    dtypes = (hs.dtype, ws.dtype, ws.dtype, ht.dtype, wt.dtype, wt.dtype)
+    hs, ws, bs, ht, wt, bt = interpreter_safe(*(_rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
     f32 = dict(device=hs.device, dtype=torch.float32)
     shapes = (hs.shape, ws.shape, ws.shape[:1], ht.shape, wt.shape, wt.shape[:1])
     bufs = [torch.zeros(shape, **f32) if need else None for need, shape in zip(needs, shapes)]
@@ -506,7 +519,6 @@ def fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_grad, *, kind: int, 
         NEED_GHT=needs[3], NEED_GWT=needs[4], NEED_GBT=needs[5],
         DOT_PRECISION=_dot_precision(hs.dtype), **cfg,
     )
-    dtypes = (hs.dtype, ws.dtype, ws.dtype, ht.dtype, wt.dtype, wt.dtype)
     return tuple(None if b is None else b.to(dt) for b, dt in zip(bufs, dtypes))
 
 

@@ -64,3 +64,57 @@ def fused_divergence(student_hidden, student_weight, teacher_hidden, teacher_wei
     if reduction == "sum":
         return weighted.sum()
     return weighted.sum() / keep.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# token log-probs, rollout statistics, mixture sampling (minillm_fast/ops/token_logprobs.py, ops/sampling.py)
+# ----------------------------------------------------------------------------------------------------------------------
+def token_logprobs(hidden, weight, targets, *, temperature: float = 1.0, bias=None, vocab_size=None, softcap=None,
+                   ignore_index: int = -100, return_entropy: bool = False):
+    """Reference of :func:`minillm_fast.token_logprobs` (same arguments, no ``backend``).
+
+    hidden [..., H], weight [V, H], targets [...] int. Returns ``log_softmax(s)[target]`` ``[...]`` (0 where
+    ``targets == ignore_index``) and, with ``return_entropy``, the pair with the entropy ``-sum q log q`` ``[...]``
+    (also 0 on ignored rows). Gradients by autograd.
+    """
+    lq = torch.log_softmax(logits(hidden, weight, bias, vocab_size=vocab_size, softcap=softcap,
+                                  temperature=temperature), -1)
+    keep = targets != ignore_index
+    picked = lq.gather(-1, torch.where(keep, targets, 0).long().unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(picked)
+    out = torch.where(keep, picked, zero)
+    if not return_entropy:
+        return out
+    entropy = -(lq.exp() * lq).sum(-1)
+    return out, torch.where(keep, entropy, zero)
+
+
+def mixture_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, *, alpha: float = 0.2,
+                  temperature: float = 1.0, student_bias=None, teacher_bias=None, vocab_size=None,
+                  softcap=None) -> torch.Tensor:
+    """``[..., V]`` the rollout distribution ``alpha softmax(t) + (1 - alpha) softmax(s)`` (teacher weighted by
+    alpha), the exact law that :func:`minillm_fast.mixture_sample` draws from."""
+    s = logits(student_hidden, student_weight, student_bias, vocab_size=vocab_size, softcap=softcap,
+               temperature=temperature)
+    t = logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size=vocab_size, softcap=softcap,
+               temperature=temperature)
+    return alpha * torch.softmax(t, -1) + (1 - alpha) * torch.softmax(s, -1)
+
+
+def rollout_statistics(student_hidden, student_weight, teacher_hidden, teacher_weight, tokens, *,
+                       alpha: float = 0.2, temperature: float = 1.0, student_bias=None, teacher_bias=None,
+                       vocab_size=None, softcap=None):
+    """Reference of :func:`minillm_fast.rollout_statistics` (same arguments, no ``backend``), returning the same
+    ``RolloutStatistics`` of ``[...]`` tensors: log q(y), log p(y), log m(y) with ``m = alpha p + (1 - alpha) q``,
+    the importance weight ``q(y) / m(y)`` and the full-vocabulary ``KL(q || p)``; q the student, p the teacher."""
+    from .ops.sampling import RolloutStatistics  # the result type lives with the op
+
+    lq = torch.log_softmax(logits(student_hidden, student_weight, student_bias, vocab_size=vocab_size,
+                                  softcap=softcap, temperature=temperature), -1)
+    lp = torch.log_softmax(logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size=vocab_size,
+                                  softcap=softcap, temperature=temperature), -1)
+    idx = tokens.long().unsqueeze(-1)
+    lq_y, lp_y = lq.gather(-1, idx).squeeze(-1), lp.gather(-1, idx).squeeze(-1)
+    lm_y = divergences._log_mix(lp_y, lq_y, alpha)
+    reverse_kl = divergences.phi(lq, lp, divergences.Divergence(divergences.REVERSE_KL, 0.0)).sum(-1)
+    return RolloutStatistics(lq_y, lp_y, lm_y, torch.exp(lq_y - lm_y), reverse_kl)

@@ -1,20 +1,23 @@
 """Backend choice: ``backend=`` argument > ``MINILLM_FAST_BACKEND`` > automatic per device.
 
-| backend  | runs on                                   | what it is                                              |
-| -------- | ----------------------------------------- | ------------------------------------------------------- |
-| triton   | CUDA tensors; CPU with TRITON_INTERPRET=1 | fused Triton kernels (kernels/)                         |
-| native   | CPU (C++) and CUDA tensors                | the csrc/ extension, compiled on first use               |
-| torch    | any device                                | chunked pure PyTorch: memory bounded by the chunk        |
+| backend  | runs on                                    | what it is                                                 |
+| -------- | ------------------------------------------ | ---------------------------------------------------------- |
+| triton   | CUDA tensors; CPU with TRITON_INTERPRET=1  | fused Triton kernels (kernels/)                            |
+| native   | CPU tensors (CUDA kernels not written yet) | the csrc/ C++ extension, compiled on first use (native.py) |
+| torch    | any device                                 | chunked pure PyTorch: memory bounded by the chunk          |
 
-``auto`` picks triton for CUDA tensors when Triton is importable, else torch; CPU tensors get torch (the native
-backend joins ``auto`` once it exists and measures faster). A backend asked for by name that cannot run raises an
-error saying why and what to install or set.
+``auto`` picks triton for CUDA tensors when Triton is importable, else torch; CPU tensors get native (its rows function
+is ~10x faster than torch's; end to end, forward + backward of the reverse KL at N=512, H=256, V=8192 fp32, it
+measured 1.15x the matmul floor against torch's 1.9-2.2x), and torch, with a one-time warning, where the extension
+cannot be built. A backend asked for by name that cannot run raises an error saying why and
+what to install or set.
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 
@@ -48,7 +51,9 @@ def resolve(backend: str, device: torch.device) -> str:
             raise ValueError(f"{ENV_VAR}={env!r} is not a backend; expected one of {BACKENDS}")
         backend = env
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available(device) else "torch"
+        return "native" if device.type == "cpu" and _native_for_auto() else "torch"
     if backend == "triton":
         mod = _triton_kernels()
         if isinstance(mod, ImportError):
@@ -59,8 +64,39 @@ def resolve(backend: str, device: torch.device) -> str:
                 "minillm_fast to run the kernels on the CPU (slow, meant for tests), or use backend='torch'"
             )
     if backend == "native":
-        raise RuntimeError("backend='native' is not built in this version of minillm-fast; use 'torch' or 'triton'")
+        _check_native(device)
     return backend
+
+
+def native_available(device: torch.device) -> bool:
+    """Whether the native extension runs on ``device`` (CPU only so far; building it on first call)."""
+    if device.type != "cpu":
+        return False
+    from . import native
+
+    return native.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _native_for_auto() -> bool:
+    """native for ``auto`` on CPU; if it cannot be built, say so once and let torch run."""
+    from . import native
+
+    if native.is_available():
+        return True
+    warnings.warn(f"minillm-fast: backend='auto' falls back to 'torch' on CPU: {native.build_error()} "
+                  f"(set {ENV_VAR}=torch to choose it explicitly)", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _check_native(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise RuntimeError(f"backend='native' runs on CPU tensors only so far (its CUDA kernels are not written yet), "
+                           f"got {device}; use backend='triton' (or 'torch') there")
+    from . import native
+
+    if not native.is_available():
+        raise RuntimeError(f"backend='native' is not available: {native.build_error()}")
 
 
 def triton_kernels():

@@ -23,8 +23,8 @@ STRATEGIES = ("auto", "chunked", "tiled")
 # Bytes of chunk temporaries the chunked strategy may hold (MINILLM_FAST_CHUNK_BYTES overrides).
 DEFAULT_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
 # fp32 [C, V] temporaries alive at once per chunk row: the torch rows function keeps about a dozen, the Triton row
-# kernel works in place on the two logits buffers (plus the matmul output being cast).
-_TEMPS_PER_ROW = {"torch": 12, "triton": 3}
+# kernel and the native rows function work in place on the two logits buffers (plus the matmul output being cast).
+_TEMPS_PER_ROW = {"torch": 12, "triton": 3, "native": 3}
 
 
 def default_chunk_rows(n_rows: int, vocab: int, device: torch.device, backend: str) -> int:
@@ -38,6 +38,10 @@ def _config(kind: int, weight: float, temperature: float, softcap: float, vocab_
 
 
 def _rows_fn(backend: str):
+    if backend == "native":
+        from .. import native
+
+        return native.native_rows
     return chunked.torch_rows if backend == "torch" else chunked.triton_rows
 
 

@@ -1,0 +1,434 @@
+// Native (C++) rows function of the token-chunked fused divergence, for CPU tensors.
+//
+// Math (DESIGN.md section 2, minillm_fast/divergences.py). Per row, with s = softcap(z_s) / T and t = softcap(z_t) / T,
+// lq = s - lse(s), lp = t - lse(t), the loss is L = sum_v phi and the gradients with respect to the raw logits are
+//
+//     dL/dz_s = (q*g - q * c_s) / T * (1 - tanh^2),   c_s = sum_v q*g     (likewise dL/dz_t with p*h, c_t)
+//
+// with the per-entry phi, q*g, p*h of the divergences table (the same formulas as kernels/fused_divergence.py).
+//
+// One row is one task: at::parallel_for splits the chunk's rows over the intra-op threads, and each row is computed by
+// one thread in a fixed order, so results do not depend on the thread count. Per row:
+//
+//   pass 1  one sweep over the row in blocks of kBlock entries that stay in L1: the block's maxima first (with a
+//           softcap, tanh(z / cap) is computed once here and stored in place of z; every later pass multiplies it
+//           by cap / T), then, against the running maxima, the sums of exp for both models and, for the two KLs,
+//           the shifted accumulator  acc = sum e^(a - m_a) ((a - m_a) - (b - m_b)),  rebased when a running maximum
+//           moves (as `_kl_update` in the Triton kernel). The KLs' loss and c_s, c_t come out of this single pass.
+//   pass 2  (JSD, TVD, skew KLs) phi, q*g, p*h need normalised probabilities: a second sweep once both lse are known.
+//   pass 3  when a gradient is wanted: G written in place over z_s / z_t, already multiplied by row_grad / T.
+//
+// Within a block the sums are vector sums of at most kBlock / W terms per lane; blocks are added in double, so the
+// summation error does not grow with the vocabulary. Entries past the end of a row are masked (a finite LOG_ZERO
+// stand-in for -inf in the maxima and exps, blended zeros in the sums), never read or written.
+//
+// CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) is set by the build (minillm_fast/native.py), together with the matching
+// -m flags; at::vec::Vectorized<T> then uses that instruction set and its exp / log / tanh (Sleef, 1 ulp).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <type_traits>
+
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+#define MINILLM_STR2(x) #x
+#define MINILLM_STR(x) MINILLM_STR2(x)
+
+namespace minillm_fast_native {
+namespace {
+
+using at::vec::Vectorized;
+
+// log(0) stand-in, as LOG_ZERO in divergences.py: exp(x + LOG_ZERO) == 0 and LOG_ZERO - LOG_ZERO is not NaN.
+constexpr double kLogZero = -1.0e30;
+// Entries per block of pass 1 / pass 2: 2 x kBlock values (both models) stay in L1 between the two halves of pass 1.
+constexpr int64_t kBlock = 512;
+
+enum Kind : int64_t { REVERSE_KL = 0, FORWARD_KL, JSD, TVD, SKEW_FORWARD_KL, SKEW_REVERSE_KL };
+
+template <typename T>
+struct Consts {
+  T mult;      // s = x * mult, x the buffer value: z (mult = 1/T), or tanh(z / cap) after pass 1 (mult = cap / T)
+  T inv_cap;   // 1 / softcap
+  bool use_cap;
+  T log_w, log_1mw;  // log of the mixture weight w (beta or skew) and of 1 - w; LOG_ZERO for log 0
+  T w, w1;           // exp(log_w), exp(log_1mw)
+};
+
+// ---------------------------------------------------------------------------------------------------------------------
+// vector helpers
+// ---------------------------------------------------------------------------------------------------------------------
+// Calls f(tail, j, n) on [j0, j1) vector by vector; `tail` is std::true_type only for a last, partial vector of n.
+template <typename T, typename F>
+inline void for_vecs(int64_t j0, int64_t j1, F&& f) {
+  constexpr int64_t W = Vectorized<T>::size();
+  int64_t j = j0;
+  for (; j + W <= j1; j += W) f(std::false_type{}, j, W);
+  if (j < j1) f(std::true_type{}, j, j1 - j);
+}
+
+template <typename T, typename Tail>
+inline Vectorized<T> load(const T* p, int64_t n) {
+  if constexpr (Tail::value) return Vectorized<T>::loadu(p, n);
+  else return Vectorized<T>::loadu(p);
+}
+
+template <typename T, typename Tail>
+inline void store(T* p, const Vectorized<T>& v, int64_t n) {
+  if constexpr (Tail::value) v.store(p, n);
+  else v.store(p);
+}
+
+// Lanes [n, W) of v replaced by `fill` (a no-op for full vectors).
+template <typename T, typename Tail>
+inline Vectorized<T> keep(const Vectorized<T>& v, const Vectorized<T>& fill, int64_t n) {
+  if constexpr (Tail::value) return Vectorized<T>::set(fill, v, n);
+  else return v;
+}
+
+template <typename T>
+inline double hsum(const Vectorized<T>& v) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  double r = 0.0;
+  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) r += static_cast<double>(buf[i]);
+  return r;
+}
+
+// max that propagates NaN (a NaN logit must give a NaN loss, as in the other backends)
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (b > a || std::isnan(b)) ? b : a;
+}
+
+template <typename T>
+inline T hmax(const Vectorized<T>& v) {
+  T buf[Vectorized<T>::size()];
+  v.store(buf);
+  T r = buf[0];
+  for (int64_t i = 1; i < Vectorized<T>::size(); ++i) r = nan_max(r, buf[i]);
+  return r;
+}
+
+// log(e^a + e^b), stable: max + log1p(e^(min - max)).
+template <typename T>
+inline Vectorized<T> logaddexp(const Vectorized<T>& a, const Vectorized<T>& b) {
+  const auto hi = at::vec::maximum(a, b);
+  const auto lo = at::vec::minimum(a, b);
+  return hi + (lo - hi).exp().log1p();
+}
+
+// sign(q - p) in {-1, 0, 1}
+template <typename T>
+inline Vectorized<T> sign_diff(const Vectorized<T>& q, const Vectorized<T>& p) {
+  const Vectorized<T> zero(T(0)), one(T(1)), minus_one(T(-1));
+  return Vectorized<T>::blendv(Vectorized<T>::blendv(zero, minus_one, q < p), one, q > p);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// one row
+// ---------------------------------------------------------------------------------------------------------------------
+// xs, xt: [V] raw logits of the row (overwritten: tanh(z / cap) after pass 1 under a softcap, G after pass 3).
+// out_loss: the row's loss; out_stats: [4] lse_s, lse_t, c_s, c_t. scale = row_grad / T.
+template <typename T, int64_t KIND>
+void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool grad_s, bool grad_t, T* out_loss,
+                    T* out_stats) {
+  using Vec = Vectorized<T>;
+  const Vec mult(k.mult), inv_cap(k.inv_cap), zero(T(0)), one(T(1)), sentinel(static_cast<T>(kLogZero));
+
+  // ---- pass 1: lse of both models (and the KL accumulator), blocks of kBlock entries
+  T m_s = static_cast<T>(kLogZero), m_t = static_cast<T>(kLogZero);
+  double l_s = 0.0, l_t = 0.0, acc = 0.0;
+  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const int64_t b1 = std::min(V, b0 + kBlock);
+    Vec max_s(sentinel), max_t(sentinel);
+    for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
+      using Tail = decltype(tail);
+      Vec a = load<T, Tail>(xs + j, n), b = load<T, Tail>(xt + j, n);
+      if (k.use_cap) {
+        a = (a * inv_cap).tanh();
+        b = (b * inv_cap).tanh();
+        store<T, Tail>(xs + j, a, n);
+        store<T, Tail>(xt + j, b, n);
+      }
+      max_s = at::vec::maximum(max_s, keep<T, Tail>(a * mult, sentinel, n));
+      max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult, sentinel, n));
+    });
+    const T ms_new = nan_max(m_s, hmax(max_s)), mt_new = nan_max(m_t, hmax(max_t));
+    if (!(ms_new == m_s && mt_new == m_t)) {
+      // Rebase the running sums to the new maxima; each old KL term's bracket grows by (m_b' - m_b) - (m_a' - m_a).
+      const double fs = std::exp(static_cast<double>(m_s) - ms_new), ft = std::exp(static_cast<double>(m_t) - mt_new);
+      const double dms = static_cast<double>(ms_new) - m_s, dmt = static_cast<double>(mt_new) - m_t;
+      if constexpr (KIND == REVERSE_KL) acc = (acc + (dmt - dms) * l_s) * fs;
+      if constexpr (KIND == FORWARD_KL) acc = (acc + (dms - dmt) * l_t) * ft;
+      l_s *= fs;
+      l_t *= ft;
+      m_s = ms_new;
+      m_t = mt_new;
+    }
+    const Vec vm_s(m_s), vm_t(m_t);
+    Vec sum_s(zero), sum_t(zero), sum_acc(zero);
+    for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
+      using Tail = decltype(tail);
+      const Vec da = keep<T, Tail>(load<T, Tail>(xs + j, n) * mult, sentinel, n) - vm_s;
+      const Vec db = keep<T, Tail>(load<T, Tail>(xt + j, n) * mult, sentinel, n) - vm_t;
+      const Vec ea = da.exp(), eb = db.exp();
+      sum_s += ea;
+      sum_t += eb;
+      if constexpr (KIND == REVERSE_KL) sum_acc += ea * (da - db);
+      if constexpr (KIND == FORWARD_KL) sum_acc += eb * (db - da);
+    });
+    l_s += hsum(sum_s);
+    l_t += hsum(sum_t);
+    if constexpr (KIND <= FORWARD_KL) acc += hsum(sum_acc);
+  }
+  const double log_ls = std::log(l_s), log_lt = std::log(l_t);
+  double loss = 0.0, c_s = 0.0, c_t = 0.0;
+  if constexpr (KIND == REVERSE_KL) {  // E_q[lq - lp]; c_s = L + 1, c_t = sum(-q) = -1
+    loss = acc / l_s - log_ls + log_lt;
+    c_s = loss + 1.0;
+    c_t = -1.0;
+  } else if constexpr (KIND == FORWARD_KL) {  // E_p[lp - lq]; c_s = sum(-p) = -1, c_t = L + 1
+    loss = acc / l_t - log_lt + log_ls;
+    c_s = -1.0;
+    c_t = loss + 1.0;
+  }
+
+  // lq = (s - m_s) - log l_s: the shift by the row maximum is exact, so large logits lose no more than small ones.
+  const Vec vm_s(m_s), vm_t(m_t), vlog_ls(static_cast<T>(log_ls)), vlog_lt(static_cast<T>(log_lt));
+  const Vec log_w(k.log_w), log_1mw(k.log_1mw), w(k.w), w1(k.w1), half(T(0.5));
+  auto log_probs = [&](auto tail, int64_t j, int64_t n, Vec& lq, Vec& lp) {
+    using Tail = decltype(tail);
+    lq = (load<T, Tail>(xs + j, n) * mult - vm_s) - vlog_ls;
+    lp = (load<T, Tail>(xt + j, n) * mult - vm_t) - vlog_lt;
+  };
+
+  // ---- pass 2: the other divergences need normalised probabilities
+  if constexpr (KIND > FORWARD_KL) {
+    for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+      const int64_t b1 = std::min(V, b0 + kBlock);
+      Vec sum_phi(zero), sum_qg(zero), sum_ph(zero);
+      for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
+        using Tail = decltype(tail);
+        Vec lq, lp, phi, qg, ph;
+        log_probs(tail, j, n, lq, lp);
+        if constexpr (KIND == JSD) {  // m = w p + (1 - w) q
+          const Vec q = lq.exp(), p = lp.exp();
+          const Vec lm = logaddexp(lp + log_w, lq + log_1mw);
+          qg = w1 * q * (lq - lm);
+          ph = w * p * (lp - lm);
+          phi = qg + ph;
+        } else if constexpr (KIND == TVD) {
+          const Vec q = lq.exp(), p = lp.exp();
+          const Vec sgn = sign_diff(q, p);
+          phi = half * (p - q).abs();
+          qg = half * q * sgn;
+          ph = zero - half * p * sgn;
+        } else if constexpr (KIND == SKEW_FORWARD_KL) {  // m = w p + (1 - w) q
+          const Vec p = lp.exp();
+          const Vec lm = logaddexp(lp + log_w, lq + log_1mw);
+          const Vec d = lp - lm;
+          phi = p * d;
+          qg = zero - w1 * (lp + lq - lm).exp();  // (1 - w) p q / m, finite where m underflows
+          ph = p * (d + one - (log_w + d).exp());  // w p / m <= 1, and 0 at w = 0 where p / m may overflow
+        } else {  // SKEW_REVERSE_KL, m = w q + (1 - w) p
+          const Vec q = lq.exp();
+          const Vec lm = logaddexp(lq + log_w, lp + log_1mw);
+          const Vec d = lq - lm;
+          phi = q * d;
+          qg = q * (d + one - (log_w + d).exp());
+          ph = zero - w1 * (lp + lq - lm).exp();
+        }
+        sum_phi += keep<T, Tail>(phi, zero, n);
+        sum_qg += keep<T, Tail>(qg, zero, n);
+        sum_ph += keep<T, Tail>(ph, zero, n);
+      });
+      loss += hsum(sum_phi);
+      c_s += hsum(sum_qg);
+      c_t += hsum(sum_ph);
+    }
+  }
+  *out_loss = static_cast<T>(loss);
+  out_stats[0] = static_cast<T>(m_s + log_ls);
+  out_stats[1] = static_cast<T>(m_t + log_lt);
+  out_stats[2] = static_cast<T>(c_s);
+  out_stats[3] = static_cast<T>(c_t);
+  if (!grad_s && !grad_t) return;
+
+  // ---- pass 3: G = (q*g - q c_s) * row_grad / T (likewise p*h - p c_t), times 1 - tanh^2 under a softcap
+  const Vec vc_s(static_cast<T>(c_s)), vc_t(static_cast<T>(c_t)), vscale(scale);
+  for_vecs<T>(0, V, [&](auto tail, int64_t j, int64_t n) {
+    using Tail = decltype(tail);
+    Vec lq, lp, g_s, g_t;
+    log_probs(tail, j, n, lq, lp);
+    if constexpr (KIND == REVERSE_KL) {  // q*g = q (lq - lp + 1), p*h = -q
+      const Vec q = lq.exp();
+      if (grad_s) g_s = q * ((lq - lp) + (one - vc_s));
+      if (grad_t) g_t = zero - q - lp.exp() * vc_t;
+    } else if constexpr (KIND == FORWARD_KL) {  // q*g = -p, p*h = p (lp - lq + 1)
+      const Vec p = lp.exp();
+      if (grad_s) g_s = zero - p - lq.exp() * vc_s;
+      if (grad_t) g_t = p * ((lp - lq) + (one - vc_t));
+    } else if constexpr (KIND == JSD) {
+      const Vec q = lq.exp(), p = lp.exp();
+      const Vec lm = logaddexp(lp + log_w, lq + log_1mw);
+      if (grad_s) g_s = q * (w1 * (lq - lm) - vc_s);
+      if (grad_t) g_t = p * (w * (lp - lm) - vc_t);
+    } else if constexpr (KIND == TVD) {
+      const Vec q = lq.exp(), p = lp.exp();
+      const Vec sgn = sign_diff(q, p);
+      if (grad_s) g_s = q * (half * sgn - vc_s);
+      if (grad_t) g_t = zero - p * (half * sgn + vc_t);
+    } else if constexpr (KIND == SKEW_FORWARD_KL) {
+      const Vec lm = logaddexp(lp + log_w, lq + log_1mw);
+      const Vec d = lp - lm;
+      if (grad_s) g_s = zero - w1 * (lp + lq - lm).exp() - lq.exp() * vc_s;
+      if (grad_t) g_t = lp.exp() * (d + one - (log_w + d).exp() - vc_t);
+    } else {  // SKEW_REVERSE_KL
+      const Vec lm = logaddexp(lq + log_w, lp + log_1mw);
+      const Vec d = lq - lm;
+      if (grad_s) g_s = lq.exp() * (d + one - (log_w + d).exp() - vc_s);
+      if (grad_t) g_t = zero - w1 * (lp + lq - lm).exp() - lp.exp() * vc_t;
+    }
+    if (grad_s) {
+      g_s = g_s * vscale;
+      if (k.use_cap) {
+        const Vec c = load<T, Tail>(xs + j, n);
+        g_s = g_s * (one - c * c);
+      }
+      store<T, Tail>(xs + j, g_s, n);
+    }
+    if (grad_t) {
+      g_t = g_t * vscale;
+      if (k.use_cap) {
+        const Vec c = load<T, Tail>(xt + j, n);
+        g_t = g_t * (one - c * c);
+      }
+      store<T, Tail>(xt + j, g_t, n);
+    }
+  });
+}
+
+template <typename T>
+using RowFn = void (*)(T*, T*, int64_t, const Consts<T>&, T, bool, bool, T*, T*);
+
+template <typename T>
+RowFn<T> row_fn(int64_t kind) {
+  switch (kind) {
+    case REVERSE_KL: return &divergence_row<T, REVERSE_KL>;
+    case FORWARD_KL: return &divergence_row<T, FORWARD_KL>;
+    case JSD: return &divergence_row<T, JSD>;
+    case TVD: return &divergence_row<T, TVD>;
+    case SKEW_FORWARD_KL: return &divergence_row<T, SKEW_FORWARD_KL>;
+    default: return &divergence_row<T, SKEW_REVERSE_KL>;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// entry point
+// ---------------------------------------------------------------------------------------------------------------------
+void check_logits(const char* name, const at::Tensor& z) {
+  TORCH_CHECK(z.device().is_cpu(), "divergence_rows: ", name, " must be a CPU tensor, got ", z.device());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "divergence_rows: ", name,
+              " must be float32 or float64 chunk logits [C, V], got ", z.scalar_type());
+  TORCH_CHECK(z.dim() == 2, "divergence_rows: ", name, " must be 2-D [C, V], got shape ", z.sizes());
+  TORCH_CHECK(z.size(1) >= 1, "divergence_rows: ", name, " must have at least one vocabulary entry, got shape ",
+              z.sizes());
+  TORCH_CHECK(z.stride(1) == 1 && z.stride(0) >= z.size(1), "divergence_rows: ", name,
+              " must have contiguous rows (stride(1) == 1, rows not overlapping); got strides ", z.strides(),
+              " (it is overwritten in place, so it is not copied: pass z.contiguous())");
+}
+
+}  // namespace
+
+// zs, zt: [C, V] float32/float64 raw chunk logits (student, teacher), contiguous rows; overwritten in place (with G
+// when grad_s / grad_t, else with scratch values under a softcap). row_grad: [C] upstream gradient of each row's loss,
+// required when a gradient is wanted. kind: 0..5 (divergences.py). Returns loss [C] and stats [C, 4]
+// (lse_s, lse_t, c_s, c_t) in the logits' dtype.
+std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt, c10::optional<at::Tensor> row_grad,
+                                                   int64_t kind, double log_w, double log_1mw, double temperature,
+                                                   double softcap, bool grad_s, bool grad_t) {
+  check_logits("zs", zs);
+  check_logits("zt", zt);
+  TORCH_CHECK(zt.sizes() == zs.sizes(), "divergence_rows: zt must have the shape of zs ", zs.sizes(), ", got ",
+              zt.sizes());
+  TORCH_CHECK(zt.scalar_type() == zs.scalar_type(), "divergence_rows: zt must have the dtype of zs (",
+              zs.scalar_type(), "), got ", zt.scalar_type());
+  TORCH_CHECK(zs.numel() == 0 || zs.data_ptr() != zt.data_ptr(),
+              "divergence_rows: zs and zt must be distinct buffers (both are overwritten in place)");
+  TORCH_CHECK(kind >= REVERSE_KL && kind <= SKEW_REVERSE_KL, "divergence_rows: kind must be in [0, 5] ",
+              "(reverse_kl, forward_kl, jsd, tvd, skew_forward_kl, skew_reverse_kl), got ", kind);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "divergence_rows: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0,
+              "divergence_rows: softcap must be finite and >= 0 (0: none), got ", softcap);
+  TORCH_CHECK(!std::isnan(log_w) && log_w <= 0 && !std::isnan(log_1mw) && log_1mw <= 0,
+              "divergence_rows: log_w and log_1mw must be logs of weights in [0, 1] (LOG_ZERO for 0), got ", log_w,
+              " and ", log_1mw);
+  const int64_t C = zs.size(0), V = zs.size(1);
+  at::Tensor rg;
+  if (grad_s || grad_t) {
+    TORCH_CHECK(row_grad.has_value() && row_grad->defined(),
+                "divergence_rows: row_grad [C] is required when grad_s or grad_t is set");
+    TORCH_CHECK(row_grad->dim() == 1 && row_grad->size(0) == C, "divergence_rows: row_grad must have shape [",
+                C, "] (one entry per row of zs), got ", row_grad->sizes());
+    TORCH_CHECK(row_grad->device().is_cpu() && at::isFloatingType(row_grad->scalar_type()),
+                "divergence_rows: row_grad must be a floating-point CPU tensor, got ", row_grad->scalar_type(),
+                " on ", row_grad->device());
+    rg = row_grad->to(zs.scalar_type()).contiguous();
+  }
+  auto loss = at::empty({C}, zs.options());
+  auto stats = at::empty({C, 4}, zs.options());
+  if (C == 0) return {loss, stats};
+
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "minillm_fast_native::divergence_rows", [&] {
+    using T = scalar_t;
+    Consts<T> k;
+    k.use_cap = softcap > 0;
+    k.mult = static_cast<T>(k.use_cap ? softcap / temperature : 1.0 / temperature);
+    k.inv_cap = static_cast<T>(k.use_cap ? 1.0 / softcap : 0.0);
+    k.log_w = static_cast<T>(log_w);
+    k.log_1mw = static_cast<T>(log_1mw);
+    k.w = static_cast<T>(std::exp(log_w));
+    k.w1 = static_cast<T>(std::exp(log_1mw));
+    const RowFn<T> fn = row_fn<T>(kind);
+    T* ps = zs.data_ptr<T>();
+    T* pt = zt.data_ptr<T>();
+    const int64_t ld_s = zs.stride(0), ld_t = zt.stride(0);
+    const T* prg = rg.defined() ? rg.data_ptr<T>() : nullptr;
+    T* pl = loss.data_ptr<T>();
+    T* pst = stats.data_ptr<T>();
+    const T inv_t = static_cast<T>(1.0 / temperature);
+    // A row is ~10 ns per entry; rows are the unit of work, a task gets at least ~32k entries.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / V);
+    at::parallel_for(0, C, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T scale = prg ? prg[r] * inv_t : T(0);
+        fn(ps + r * ld_s, pt + r * ld_t, V, k, scale, grad_s, grad_t, pl + r, pst + 4 * r);
+      }
+    });
+  });
+  return {loss, stats};
+}
+
+}  // namespace minillm_fast_native
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "minillm-fast native (C++) CPU kernels; see csrc/fused_divergence_cpu.cpp";
+  m.def("divergence_rows", &minillm_fast_native::divergence_rows,
+        "Loss [C], stats [C, 4] of chunk logits zs, zt [C, V]; G written in place when grad_s / grad_t.",
+        py::arg("zs"), py::arg("zt"), py::arg("row_grad"), py::arg("kind"), py::arg("log_w"), py::arg("log_1mw"),
+        py::arg("temperature"), py::arg("softcap"), py::arg("grad_s"), py::arg("grad_t"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("capability", [] { return std::string(MINILLM_STR(CPU_CAPABILITY)); },
+        "The instruction set the extension was compiled for (DEFAULT, AVX2, AVX512).");
+}

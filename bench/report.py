@@ -1,0 +1,219 @@
+"""Output of a benchmark run: the environment record, the printed table, the long-format CSV and the plots."""
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+CSV_COLUMNS = [
+    # where and when
+    "date", "commit", "device", "device_type", "threads", "torch", "triton", "liger_kernel", "torchtune", "python",
+    # what
+    "preset", "op", "variant", "tokens", "hs", "ht", "vocab", "vocab_pad", "dtype", "shape", "impl", "mode",
+    # results
+    "status", "median_ms", "p20_ms", "p80_ms", "min_ms", "max_ms", "reps", "floor_ms", "floor_ratio", "floor_flops",
+    "peak_extra_mib", "mem_ratio_naive", "mem_method", "verify_loss_err", "verify_grad_err", "notes",
+]
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device, threads: int) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{_cpu_model()} ({os.cpu_count()} logical cores)"
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=_commit(), device=name,
+                device_type=device.type, threads=threads if device.type == "cpu" else "",
+                torch=torch.__version__, triton=_version("triton"), liger_kernel=_version("liger-kernel"),
+                torchtune=_version("torchtune"), python=platform.python_version())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# derived columns
+# ----------------------------------------------------------------------------------------------------------------------
+def add_ratios(rows: list) -> None:
+    """``floor_ratio`` = median / floor median of the same shape and mode; ``mem_ratio_naive`` = peak extra memory /
+    naive's peak extra memory of the same shape, op variant and mode."""
+    key = lambda r: (r["preset"], r["op"], r["variant"], r["tokens"], r["dtype"], r["mode"])  # noqa: E731
+    floor = {key(r): r for r in rows if r["impl"] == "floor" and r["status"] == "ok"}
+    naive = {key(r): r for r in rows if r["impl"] == "naive" and r["status"] == "ok"}
+    for r in rows:
+        f = floor.get(key(r))
+        if f is not None:
+            r["floor_ms"] = f["median_ms"]
+            r["floor_flops"] = f.get("floor_flops", "")
+            if r["status"] == "ok" and _num(r.get("median_ms")):
+                r["floor_ratio"] = r["median_ms"] / f["median_ms"]
+        n = naive.get(key(r))
+        if n is not None and r["status"] == "ok" and _num(r.get("peak_extra_mib")) and _num(n.get("peak_extra_mib")) \
+                and n["peak_extra_mib"] > 0:
+            r["mem_ratio_naive"] = r["peak_extra_mib"] / n["peak_extra_mib"]
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# table
+# ----------------------------------------------------------------------------------------------------------------------
+def _fmt(v, spec: str, empty: str = "-") -> str:
+    return format(v, spec) if _num(v) else empty
+
+
+def table(rows: list) -> str:
+    """Plain-text table, one block per (preset, op variant, shape)."""
+    out = []
+    header = (f"{'impl':<18} {'mode':<8} {'median ms':>10} {'spread (p20-p80)':>20} {'x floor':>8} "
+              f"{'peak extra MiB':>15} {'x naive mem':>11}  status / verify")
+    blocks = defaultdict(list)
+    for r in rows:
+        blocks[(r["preset"], r["op"], r["variant"], r["shape"])].append(r)
+    for (preset, op, variant, shape), rs in blocks.items():
+        out.append("")
+        out.append(f"== {preset}: {op} [{variant}]  {shape}")
+        out.append(header)
+        out.append("-" * len(header))
+        not_run = {}
+        for r in rs:
+            if r["status"] in ("missing", "unsupported"):
+                not_run.setdefault(r["impl"], f"{r['status']}: {r.get('notes', '')}")
+        for r in rs:
+            if r["impl"] in not_run:
+                continue
+            spread = (f"{_fmt(r.get('p20_ms'), '.2f')}-{_fmt(r.get('p80_ms'), '.2f')}"
+                      if _num(r.get("p20_ms")) else "-")
+            if r["status"] == "ok":
+                st = "ok"
+                if _num(r.get("verify_loss_err")):
+                    st += f" (err {max(r['verify_loss_err'], r['verify_grad_err']):.1e})"
+            else:
+                st = f"{r['status']}: {r.get('notes', '')}"
+            out.append(f"{r['impl']:<18} {r['mode']:<8} {_fmt(r.get('median_ms'), '10.2f'):>10} {spread:>20} "
+                       f"{_fmt(r.get('floor_ratio'), '8.2f'):>8} {_fmt(r.get('peak_extra_mib'), '15.1f'):>15} "
+                       f"{_fmt(r.get('mem_ratio_naive'), '11.3f'):>11}  {st}")
+        for impl, why in not_run.items():
+            out.append(f"{impl:<18} not run ({why})")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CSV
+# ----------------------------------------------------------------------------------------------------------------------
+def write_csv(rows: list, out_dir: Path, name: str = "bench.csv") -> Path:
+    """Append ``rows`` to ``out_dir/name`` (long format, header written once). A file with another header is left
+    alone and the rows go to a new, dated file beside it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    if path.exists():
+        with open(path, newline="") as f:
+            first = next(csv.reader(f), None)
+        if first != CSV_COLUMNS:
+            path = out_dir / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k, "")) for k in CSV_COLUMNS})
+    return path
+
+
+def _csv_value(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------------------------
+def plot(rows: list, out_dir: Path, stamp: str) -> list:
+    """One PNG per (preset, op variant, dtype, mode): median time and peak extra memory against tokens, one line
+    per implementation, the matmul floor dashed. Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["preset"], r["op"], r["variant"], r["dtype"], r["mode"], r["device_type"])].append(r)
+    paths = []
+    for (preset, op, variant, dtype, mode, dev), rs in groups.items():
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+        impls = list(dict.fromkeys(r["impl"] for r in rs))
+        for impl in impls:
+            pts = sorted((r["tokens"], r) for r in rs if r["impl"] == impl and r["status"] == "ok")
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            style = dict(color="black", linestyle="--", marker="") if impl == "floor" else dict(marker="o")
+            ax_t.plot(xs, [p[1]["median_ms"] for p in pts], label=impl, **style)
+            lo = [p[1]["p20_ms"] for p in pts]
+            hi = [p[1]["p80_ms"] for p in pts]
+            if impl != "floor" and all(_num(v) for v in lo + hi):
+                ax_t.fill_between(xs, lo, hi, alpha=0.15)
+            mem = [(p[0], p[1].get("peak_extra_mib")) for p in pts if _num(p[1].get("peak_extra_mib"))]
+            if mem:
+                ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl)
+        for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
+            ax.set_xlabel("tokens N")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+            if len({r["tokens"] for r in rs}) > 1:
+                ax.set_xscale("log", base=2)
+            ys = [y for line in ax.lines for y in line.get_ydata() if y > 0]
+            if ys and max(ys) / min(ys) > 20:  # naive's GB next to a chunked op's MB
+                ax.set_yscale("log")
+        shape = rs[0]
+        fig.suptitle(f"{op} [{variant}] {mode} - {preset} Hs={shape['hs']} Ht={shape['ht']} V={shape['vocab']} "
+                     f"{dtype} - {shape['device']}" + (f", threads={shape['threads']}" if dev == "cpu" else ""),
+                     fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{stamp}_{preset}_{op}-{variant}_{dtype}_{mode}_{dev}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,84 @@
+"""Smoke test of the benchmark harness (bench/): ``python -m bench --quick`` end to end, in a subprocess, into a
+temporary folder; then the CSV, the verification against the reference, and the plots are checked.
+
+The numbers themselves are not checked (tiny shapes on a shared machine); what is checked is that every part of the
+harness ran: the naive baseline, our implementations and the matmul floor each have measured rows, every measured
+implementation agreed with the fp32 reference, and the ratios and PNGs were written.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--threads", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    with open(out / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out, proc.stdout, rows
+
+
+def _ok(rows, op, impl):
+    return [r for r in rows if r["op"] == op and r["impl"] == impl and r["status"] == "ok"]
+
+
+def test_quick_has_naive_ours_and_floor_rows(quick_run):
+    _, _, rows = quick_run
+    for impl in ("floor", "naive", "ours:torch"):
+        got = _ok(rows, "fused_divergence", impl)
+        assert {r["mode"] for r in got} == {"fwd", "bwd", "fwd_bwd"}, impl
+        assert {int(r["tokens"]) for r in got} == {64, 128}, impl
+        assert all(float(r["median_ms"]) > 0 for r in got)
+    for r in _ok(rows, "fused_divergence", "ours:torch") + _ok(rows, "fused_divergence", "naive"):
+        assert float(r["floor_ratio"]) > 0
+        assert float(r["peak_extra_mib"]) >= 0
+        assert r["mem_ratio_naive"] != ""
+    assert all(float(r["mem_ratio_naive"]) == 1.0 for r in _ok(rows, "fused_divergence", "naive"))
+
+
+def test_quick_rows_carry_the_environment(quick_run):
+    _, _, rows = quick_run
+    r = _ok(rows, "fused_divergence", "naive")[0]
+    assert r["device"] and r["commit"] and r["date"] and r["torch"]
+    assert r["threads"] == "1" and r["dtype"] == "float32" and r["preset"] == "tiny"
+
+
+def test_quick_measured_implementations_match_the_reference(quick_run):
+    _, _, rows = quick_run
+    measured = [r for r in rows if r["status"] == "ok" and r["impl"] != "floor" and r["verify_loss_err"] != ""]
+    assert measured
+    for r in measured:
+        assert float(r["verify_loss_err"]) < 1e-3 and float(r["verify_grad_err"]) < 1e-3, r
+    assert not [r for r in rows if r["status"] in ("mismatch", "error", "oom")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+def test_quick_liger_computes_our_objective(quick_run):
+    _, _, rows = quick_run
+    got = _ok(rows, "fused_divergence", "liger:chunked")
+    assert len(got) == 6  # 2 token counts x 3 modes, each verified before timing
+    assert all(float(r["verify_loss_err"]) < 1e-5 for r in got)
+
+
+def test_quick_writes_plots_and_a_table(quick_run):
+    out, stdout, _ = quick_run
+    assert list(out.glob("*fused_divergence-reverse_kl*fwd_bwd*.png"))
+    assert "x floor" in stdout and "ours:torch" in stdout
+
+
+def test_cli_forwards_to_bench():
+    proc = subprocess.run([sys.executable, "-m", "minillm_fast", "bench", "--list"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "issue3" in proc.stdout and "liger-cpu" in proc.stdout and "fused_divergence" in proc.stdout

@@ -1,0 +1,78 @@
+"""``minillm-fast distill`` and ``minillm-fast evaluate`` entry points (``main(argv)`` each; the package CLI and
+``python -m minillm_fast.distill`` call them)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Optional, Sequence
+
+USAGE = """\
+Run SFT, KD, SeqKD or MiniLLM distillation from a YAML config, with key=value overrides:
+
+    minillm-fast distill --config run.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m minillm_fast.distill --config run.yaml     # data parallel
+
+Writes into output_dir: config.yaml (resolved), metrics.jsonl, checkpoints/, best/ and final/ (save_pretrained),
+plots/*.png, eval/results.{json,md}. resume=true continues from the latest checkpoint.
+"""
+
+
+def config_help() -> str:
+    """The config keys, their defaults and their comments, read from config.py."""
+    import inspect
+    import re
+
+    from .config import DistillConfig
+
+    src = inspect.getsource(DistillConfig)
+    lines = []
+    for f in dataclasses.fields(DistillConfig):
+        m = re.search(rf"^\s+{f.name}: [^=]+= (.+?)(?:\s+#\s*(.*))?$", src, re.M)
+        default, comment = (m.group(1), m.group(2) or "") if m else ("", "")
+        lines.append(f"  {f.name:22s} {default:28s} {comment}")
+    return "config keys (null = per-method default):\n" + "\n".join(lines)
+
+
+def distill_main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="minillm-fast distill", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("--dry-run", action="store_true", help="resolve and check the config, print it, stop")
+    args = parser.parse_args(argv)
+    if args.help_config:
+        print(config_help())
+        return 0
+
+    from .config import ConfigError, DistillConfig
+    from .models import ModelLoadError
+
+    try:
+        cfg = DistillConfig.from_sources(args.config, args.overrides)
+        if args.dry_run:
+            import yaml
+
+            print(yaml.safe_dump(cfg.resolve().to_dict(), sort_keys=False))
+            return 0
+        from .trainer import Trainer
+
+        Trainer(cfg).train()
+    except (ConfigError, ModelLoadError, FileNotFoundError) as e:
+        print(f"minillm-fast distill: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from . import dist
+
+        dist.destroy()
+    return 0
+
+
+def evaluate_main(argv: Optional[Sequence[str]] = None) -> int:
+    from .evaluate import main
+
+    return main(argv)
+
+
+main = distill_main

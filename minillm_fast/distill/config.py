@@ -1,0 +1,342 @@
+"""The distillation config: one dataclass, read from YAML, overridden by ``key=value`` pairs, checked before any work.
+
+Defaults follow the MiniLLM reference implementation (microsoft/LMOps, folder minillm; DESIGN.md section 3). Keys
+whose reference value differs between MiniLLM and the baselines (learning rate, schedule, warm-up, weight decay,
+batch size, dropout, evaluation interval) default to ``null`` and are resolved per ``method`` by :meth:`resolve`;
+the resolved values are what the run directory's ``config.yaml`` records.
+
+    cfg = DistillConfig.from_sources("run.yaml", ["lr=1e-5", "alpha=0"])   # file, then overrides
+    cfg = cfg.resolve(world_size=1)                                        # method defaults + validation
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+METHODS = ("sft", "kd", "seqkd", "minillm")
+DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+SCHEDULES = ("constant", "cosine", "linear")
+ADVANTAGES = ("reference", "paper")
+SELECT_METRICS = ("rougeL", "loss", "none")
+SEQKD_OBJECTIVES = ("kd", "sft")
+BACKENDS = ("auto", "triton", "native", "torch")
+
+# Per-method defaults of the keys left null (reference scripts: gpt2/minillm/train_*.sh for minillm,
+# gpt2/{sft,kd,seqkd}/*_base.sh for the baselines; the paper's appendix B.1).
+METHOD_DEFAULTS = {
+    "minillm": dict(lr=5e-6, lr_schedule="constant", warmup_steps=100, weight_decay=1e-6, batch_size=64,
+                    disable_dropout=True, eval_interval=100, select_metric="rougeL"),
+    "baseline": dict(lr=5e-4, lr_schedule="cosine", warmup_steps=0, weight_decay=1e-2, batch_size=32,
+                     disable_dropout=False, eval_interval=None, select_metric="rougeL"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix: the message names the key, the value and what is expected."""
+
+
+@dataclass
+class DistillConfig:
+    # --- what to run ---------------------------------------------------------------------------------------------
+    method: str = "minillm"                 # sft | kd | seqkd | minillm
+    student: Optional[str] = None           # local path of the student (save_pretrained directory)
+    teacher: Optional[str] = None           # local path of the teacher (kd, seqkd, minillm)
+    tokenizer: Optional[str] = None         # local path of the tokenizer (default: the student's)
+    train_data: Optional[str] = None        # JSONL: instruction, [context|input], response
+    valid_data: Optional[str] = None        # JSONL, same fields; response may be a list (references)
+    pt_data: Optional[str] = None           # plain-text corpus (.txt, blank-line separated, or .jsonl "text")
+    output_dir: Optional[str] = None        # the run directory
+    seed: int = 10
+    device: str = "auto"                    # auto | cpu | cuda
+    dtype: str = "fp32"                     # fp32 | bf16 compute (bf16: autocast, fp32 master weights)
+    teacher_dtype: Optional[str] = None     # default: dtype
+    attn_implementation: str = "auto"       # auto (flash_attention_2 with flash_attn + CUDA, else sdpa) | ...
+    backend: str = "auto"                   # backend of the fused ops (MINILLM_FAST_BACKEND also applies)
+    # --- data ----------------------------------------------------------------------------------------------------
+    max_length: int = 512                   # prompt + response tokens
+    max_prompt_length: int = 256            # longer prompts are dropped
+    max_train_samples: Optional[int] = None
+    max_valid_samples: Optional[int] = 1000  # the reference's dev-num
+    # --- optimisation --------------------------------------------------------------------------------------------
+    lr: Optional[float] = None              # minillm 5e-6; baselines 5e-4
+    lr_min: Optional[float] = None          # floor of cosine/linear decay (default 1e-7, the reference's lr-min)
+    lr_schedule: Optional[str] = None       # minillm constant (with warm-up); baselines cosine
+    warmup_steps: Optional[int] = None      # minillm 100; baselines 0
+    weight_decay: Optional[float] = None    # minillm 1e-6; baselines 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0                  # max global grad norm; 0 disables
+    batch_size: Optional[int] = None        # global sequences per optimiser step: minillm 64; baselines 32
+    micro_batch_size: Optional[int] = None  # per rank per forward (default batch_size / world size)
+    epochs: int = 20                        # baselines: passes over the training set
+    total_iters: Optional[int] = None       # optimiser steps: minillm 5000; baselines epochs x steps/epoch
+    disable_dropout: Optional[bool] = None  # minillm true (reference: dropout off); baselines false
+    # --- KD / SeqKD ----------------------------------------------------------------------------------------------
+    kd_ratio: float = 0.5                   # loss = (1 - kd_ratio) CE + kd_ratio soft-CE(teacher); also the PT term
+    seqkd_data: Optional[str] = None        # teacher responses (JSONL) to reuse; null = generate them first
+    seqkd_objective: str = "kd"             # kd | sft: objective on the teacher-generated responses
+    # --- MiniLLM -------------------------------------------------------------------------------------------------
+    num_rollouts: int = 256                 # global rollouts per collection
+    rollout_batch_size: int = 16            # prompts per generation call (the reference's chunk-size)
+    ppo_epochs: int = 4                     # inner epochs over each rollout buffer
+    alpha: float = 0.2                      # teacher mix-in of the sampling distribution; 0 = student only
+    gamma: float = 0.95
+    cliprange: float = 0.2                  # PPO ratio clip
+    reward_scaling: Optional[float] = 0.5   # rewards are divided by it (null: not scaled)
+    cliprange_reward: Optional[float] = 100.0  # rewards clipped to +-this (null: not clipped)
+    length_norm: bool = True                # divide the return by the number of remaining tokens
+    advantage: str = "reference"            # reference: sum_{t'>=t} / N_t | paper: R_{t+1} / (tokens after t)
+    whiten_advantages: bool = True
+    single_step: bool = True                # add the full-vocabulary reverse KL term
+    single_step_weighted: bool = False      # weight it by w_t (paper Eq. 5; the reference does not)
+    lm_coef: float = 1.0                    # weight of the pre-training term (needs pt_data)
+    pt_batch_size: Optional[int] = None     # global PT sequences per step (default batch_size)
+    temperature: float = 1.0
+    top_k: int = 0                          # rollouts sample the full distribution: only 0 is supported
+    top_p: float = 1.0                      # only 1.0 is supported
+    max_new_tokens: Optional[int] = None    # default max_length - max_prompt_length
+    cache_teacher_hidden: bool = True       # keep the teacher's rollout hidden states for the single-step term
+    # --- evaluation ----------------------------------------------------------------------------------------------
+    eval_interval: Optional[int] = None     # optimiser steps between evaluations (minillm 100; baselines 1 epoch)
+    eval_generate: bool = True              # sample responses for Rouge-L / exact match / reverse KL
+    eval_batch_size: int = 32
+    eval_max_new_tokens: Optional[int] = None  # default max_new_tokens
+    select_metric: Optional[str] = None     # rougeL | loss | none: which validation number picks best/
+    final_eval: bool = True                 # evaluate best/ (or final/) over eval_seeds at the end
+    eval_seeds: list = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    no_repeat_ngram_size: int = 6           # final evaluation only (model.generate)
+    # --- run -----------------------------------------------------------------------------------------------------
+    log_interval: int = 1
+    save_interval: int = 500                # optimiser steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: Any = False                     # false | true (latest checkpoint in output_dir) | a checkpoint path
+    overwrite: bool = False                 # start afresh in an output_dir that holds an earlier run's checkpoints
+    progress_bar: bool = True
+    plots: bool = True
+
+    # ------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "DistillConfig":
+        cfg = cls()
+        cfg.update(values, source=source)
+        return cfg
+
+    @classmethod
+    def from_sources(cls, path: Optional[str] = None, overrides: Sequence[str] = ()) -> "DistillConfig":
+        """Defaults, then the YAML file at ``path``, then ``key=value`` overrides (values parsed as YAML)."""
+        cfg = cls()
+        if path is not None:
+            cfg.update(load_yaml(path), source=path)
+        cfg.update(parse_overrides(overrides), source="command line")
+        return cfg
+
+    def update(self, values: dict, *, source: str = "config") -> None:
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(values).__name__}")
+        known = self.keys()
+        for key, value in values.items():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else "; run with --help-config for the list"
+                raise ConfigError(f"{source}: unknown config key {key!r}{hint}")
+            setattr(self, key, _coerce(key, value, _FLOAT_KEYS))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def resolve(self, world_size: int = 1, *, check_paths: bool = True) -> "DistillConfig":
+        """A copy with the per-method defaults filled in, checked (raises :class:`ConfigError`)."""
+        cfg = dataclasses.replace(self)
+        cfg.eval_seeds = list(self.eval_seeds) if isinstance(self.eval_seeds, (list, tuple)) else self.eval_seeds
+        _choice("method", cfg.method, METHODS)
+        defaults = METHOD_DEFAULTS["minillm" if cfg.method == "minillm" else "baseline"]
+        for key, value in defaults.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.lr_min is None:
+            cfg.lr_min = 1e-7
+        if cfg.teacher_dtype is None:
+            cfg.teacher_dtype = cfg.dtype
+        if cfg.tokenizer is None:
+            cfg.tokenizer = cfg.student
+        if cfg.max_new_tokens is None:
+            cfg.max_new_tokens = cfg.max_length - cfg.max_prompt_length
+        if cfg.eval_max_new_tokens is None:
+            cfg.eval_max_new_tokens = cfg.max_new_tokens
+        if cfg.pt_batch_size is None:
+            cfg.pt_batch_size = cfg.batch_size
+        cfg._check(world_size, check_paths)
+        if cfg.micro_batch_size is None:
+            cfg.micro_batch_size = cfg.batch_size // world_size
+        return cfg
+
+    def _check(self, world_size: int, check_paths: bool) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("teacher_dtype", self.teacher_dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _choice("backend", self.backend, BACKENDS)
+        _choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        _choice("advantage", self.advantage, ADVANTAGES)
+        _choice("select_metric", self.select_metric, SELECT_METRICS)
+        _choice("seqkd_objective", self.seqkd_objective, SEQKD_OBJECTIVES)
+        for key in ("seed",):
+            _int(key, getattr(self, key), minimum=0)
+        for key in ("max_length", "max_prompt_length", "batch_size", "epochs", "num_rollouts", "rollout_batch_size",
+                    "ppo_epochs", "pt_batch_size", "max_new_tokens", "eval_batch_size", "eval_max_new_tokens",
+                    "log_interval", "keep_checkpoints"):
+            _int(key, getattr(self, key), minimum=1)
+        for key in ("warmup_steps", "save_interval", "no_repeat_ngram_size", "top_k"):
+            _int(key, getattr(self, key), minimum=0)
+        for key in ("total_iters", "micro_batch_size", "max_train_samples", "max_valid_samples", "eval_interval"):
+            if getattr(self, key) is not None:
+                _int(key, getattr(self, key), minimum=1)
+        for key in ("lr", "temperature", "adam_eps"):
+            _number(key, getattr(self, key), low=0.0, low_open=True)
+        for key in ("lr_min", "weight_decay", "grad_clip", "lm_coef"):
+            _number(key, getattr(self, key), low=0.0)
+        for key in ("adam_beta1", "adam_beta2", "gamma", "alpha", "kd_ratio"):
+            _number(key, getattr(self, key), low=0.0, high=1.0)
+        _number("cliprange", self.cliprange, low=0.0, low_open=True)
+        for key in ("reward_scaling", "cliprange_reward"):
+            if getattr(self, key) is not None:
+                _number(key, getattr(self, key), low=0.0, low_open=True)
+        _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        for key in ("length_norm", "whiten_advantages", "single_step", "single_step_weighted", "cache_teacher_hidden",
+                    "eval_generate", "final_eval", "progress_bar", "plots", "disable_dropout", "overwrite"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be true or false")
+        if not isinstance(self.resume, (bool, str)):
+            raise ConfigError(f"resume={self.resume!r} must be false, true (latest checkpoint) or a checkpoint path")
+        if (not isinstance(self.eval_seeds, list) or not self.eval_seeds
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.eval_seeds)):
+            raise ConfigError(f"eval_seeds={self.eval_seeds!r} must be a non-empty list of ints, e.g. [10, 20, 30]")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"max_prompt_length={self.max_prompt_length} must be < max_length={self.max_length} "
+                              f"(room is needed for the response)")
+        if self.max_prompt_length + self.max_new_tokens > self.max_length:
+            raise ConfigError(f"max_prompt_length + max_new_tokens = {self.max_prompt_length + self.max_new_tokens} "
+                              f"exceeds max_length={self.max_length}")
+        if self.method == "minillm" and (self.top_k != 0 or self.top_p != 1.0):
+            raise ConfigError(f"top_k={self.top_k}, top_p={self.top_p}: MiniLLM rollouts sample the full mixture "
+                              f"(the importance weights assume it); use top_k=0 top_p=1.0")
+
+        # batch arithmetic: every rank does the same number of micro-batches per step
+        ws = world_size
+        micro = self.micro_batch_size
+        if self.batch_size % ws:
+            raise ConfigError(f"batch_size={self.batch_size} must be divisible by the world size {ws}")
+        if micro is not None and (self.batch_size // ws) % micro:
+            raise ConfigError(f"micro_batch_size={micro} must divide the per-rank batch batch_size / world_size = "
+                              f"{self.batch_size // ws}")
+        if self.method == "minillm":
+            if self.num_rollouts % self.batch_size:
+                raise ConfigError(f"num_rollouts={self.num_rollouts} must be a multiple of batch_size="
+                                  f"{self.batch_size} (each rollout buffer is split into mini-batches)")
+            if self.num_rollouts % (self.rollout_batch_size * ws):
+                raise ConfigError(f"num_rollouts={self.num_rollouts} must be a multiple of rollout_batch_size x "
+                                  f"world size = {self.rollout_batch_size * ws} (generation chunks are dealt to "
+                                  f"ranks)")
+            if self.pt_data is not None and self.lm_coef > 0:
+                n_micro = (self.batch_size // ws) // (micro or self.batch_size // ws)
+                if self.pt_batch_size % (ws * n_micro):
+                    raise ConfigError(f"pt_batch_size={self.pt_batch_size} must be divisible by world size x "
+                                      f"micro-batches per step = {ws * n_micro}")
+
+        # paths
+        required = ["student", "train_data", "output_dir"]
+        if self.method in ("kd", "minillm") or (self.method == "seqkd" and not (
+                self.seqkd_data and self.seqkd_objective == "sft")):
+            required.append("teacher")
+        for key in required:
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is required for method={self.method!r}; set it in the YAML file or "
+                                  f"pass {key}=...")
+        if check_paths:
+            for key in ("student", "teacher", "tokenizer", "train_data", "valid_data", "pt_data", "seqkd_data"):
+                value = getattr(self, key)
+                if value is not None and not os.path.exists(value):
+                    raise ConfigError(f"{key}={value!r} does not exist (paths are local: a save_pretrained "
+                                      f"directory for models, a file for data)")
+            if isinstance(self.resume, str) and not os.path.exists(self.resume):
+                raise ConfigError(f"resume={self.resume!r} does not exist; pass a checkpoint file, or true for the "
+                                  f"latest one in output_dir")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+_FLOAT_KEYS = frozenset(f.name for f in dataclasses.fields(DistillConfig) if "float" in str(f.type))
+
+
+def _coerce(key: str, value, float_keys) -> Any:
+    """PyYAML reads ``1e-5`` (no dot) as a string: turn such strings into floats for float keys."""
+    if key in float_keys and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if key in float_keys and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not supported{hint}; expected one of {', '.join(choices)}")
+
+
+def _int(key: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an int >= {minimum}")
+
+
+def _number(key: str, value, *, low=None, high=None, low_open=False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{key}={value!r} must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}={value!r} must be <= {high}")
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return data or {}
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["lr=1e-5", "eval_seeds=[1,2]"]`` -> dict; values are parsed as YAML (``null``, ``true``, numbers, lists)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. lr=1e-5)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        out[key] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def dump_yaml(cfg: DistillConfig, path: str) -> None:
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,114 @@
+"""Fused distillation for Hugging Face users: a loss function on (student, teacher, batch) and a ``Trainer`` mixin.
+
+    from transformers import Trainer
+    from minillm_fast.distill.hf import DistillationTrainerMixin
+
+    class DistillationTrainer(DistillationTrainerMixin, Trainer):
+        pass
+
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                                  distill_kwargs=dict(divergence="reverse_kl", kd_ratio=0.5))
+    trainer.train()
+
+Neither the student's nor the teacher's ``[B, T, V]`` logits are made: both models run up to their final hidden states
+and the loss is computed by :func:`minillm_fast.token_logprobs` and :func:`minillm_fast.fused_divergence` from the
+hidden states and the lm_head weights.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .data import IGNORE_INDEX
+from .losses import LossOptions, divergence_sum, logprobs
+from .models import decoder, head_of, unwrap
+
+
+def _final_hidden(model, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """Final hidden states ``[B, T, H]``. A bare causal LM runs its base model (no head); a wrapped one (DDP, FSDP,
+    accelerate) is called through its wrapper, so gradient synchronisation and sharding hooks run, with
+    ``output_hidden_states=True`` and ``logits_to_keep=1`` (logits of the last position only: ``[B, 1, V]``)."""
+    from .data import positions_from_mask
+
+    position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
+    if unwrap(model) is model:
+        return decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              return_dict=True).last_hidden_state
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True)
+    return out.hidden_states[-1]
+
+
+def distillation_loss(student, teacher, batch: dict, *, divergence: str = "forward_kl", kd_ratio: float = 0.5,
+                      temperature: float = 1.0, num_items_in_batch: Optional[int] = None, backend: str = "auto",
+                      vocab_size: Optional[int] = None, return_terms: bool = False, **divergence_kwargs):
+    """``(1 - kd_ratio) CE(labels) + kd_ratio D(teacher, student)``, token mean, from two causal LMs and a batch.
+
+    Args:
+        student, teacher: Hugging Face causal LMs (the teacher runs under ``torch.no_grad``).
+        batch: ``input_ids [B, T]``, optional ``attention_mask [B, T]`` and ``labels [B, T]`` aligned with the inputs
+            as in Hugging Face (shifted here; ``-100`` positions are skipped). Without labels every attended
+            position is a target.
+        divergence: any of :data:`minillm_fast.DIVERGENCES` (``forward_kl``: the classic KD, whose gradient equals
+            that of the soft cross-entropy; ``reverse_kl``: MiniLLM's divergence at the word level; ``jsd``, ...).
+        kd_ratio: weight of the divergence; 1.0 drops the cross-entropy.
+        temperature: divides both models' logits in the divergence (not in the cross-entropy).
+        num_items_in_batch: divide the sums by this (the Trainer's count over gradient-accumulation steps) instead
+            of the batch's own token count.
+        vocab_size: real vocabulary when the heads are padded (default: the smaller of the two heads' rows).
+        divergence_kwargs: ``beta``, ``skew`` of :func:`minillm_fast.fused_divergence`.
+
+    Returns:
+        the scalar loss, or ``(loss, {"ce": ..., "divergence": ..., "tokens": ...})`` with ``return_terms``.
+    """
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    labels = labels[:, 1:]
+    s_head, t_head = head_of(student), head_of(teacher)
+    if vocab_size is None and s_head.weight.shape[0] != t_head.weight.shape[0]:
+        vocab_size = min(s_head.weight.shape[0], t_head.weight.shape[0])
+    opts = LossOptions(vocab_size=vocab_size, backend=backend)
+
+    hs = _final_hidden(student, input_ids, attention_mask)[:, :-1]
+    with torch.no_grad():
+        ht = _final_hidden(teacher, input_ids, attention_mask)[:, :-1]
+    ce = -logprobs(hs, s_head, labels, opts).sum()
+    div = divergence_sum(hs, s_head, ht, t_head, opts, divergence=divergence, labels=labels,
+                         temperature=temperature, **divergence_kwargs) if kd_ratio > 0 else torch.zeros_like(ce)
+    tokens = (labels != IGNORE_INDEX).sum()
+    denom = num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1)
+    if isinstance(denom, Tensor):
+        denom = denom.to(ce.device)
+    loss = ((1 - kd_ratio) * ce + kd_ratio * div) / denom
+    if return_terms:
+        return loss, {"ce": ce.detach() / denom, "divergence": div.detach() / denom, "tokens": tokens}
+    return loss
+
+
+class DistillationTrainerMixin:
+    """Put before ``transformers.Trainer`` (or a subclass) in the bases: ``compute_loss`` becomes
+    :func:`distillation_loss` against ``teacher_model`` (moved to the student's device on first use).
+
+    Extra constructor arguments: ``teacher_model`` (required) and ``distill_kwargs`` (passed to
+    :func:`distillation_loss`, e.g. ``dict(divergence="reverse_kl", kd_ratio=1.0, temperature=2.0)``).
+    """
+
+    def __init__(self, *args, teacher_model=None, distill_kwargs: Optional[dict] = None, **kwargs):
+        if teacher_model is None:
+            raise TypeError(f"{type(self).__name__} needs teacher_model=<a causal LM>")
+        super().__init__(*args, **kwargs)
+        self.teacher_model = teacher_model.eval().requires_grad_(False)
+        self.distill_kwargs = dict(distill_kwargs or {})
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
+        device = next(unwrap(model).parameters()).device
+        if next(self.teacher_model.parameters()).device != device:
+            self.teacher_model.to(device)
+        loss, terms = distillation_loss(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
+                                        return_terms=True, **self.distill_kwargs)
+        return (loss, terms) if return_outputs else loss

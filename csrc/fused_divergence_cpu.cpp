@@ -138,7 +138,8 @@ inline Vectorized<T> sign_diff(const Vectorized<T>& q, const Vectorized<T>& p) {
 // one row
 // ---------------------------------------------------------------------------------------------------------------------
 // xs, xt: [V] raw logits of the row (overwritten: tanh(z / cap) after pass 1 under a softcap, G after pass 3).
-// out_loss: the row's loss; out_stats: [4] lse_s, lse_t, c_s, c_t. scale = row_grad / T.
+// out_loss: the row's loss; out_stats: [6] m_s, log l_s, m_t, log l_t, c_s, c_t (lse = m + log l, kept
+// apart). scale = row_grad / T.
 template <typename T, int64_t KIND>
 void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool grad_s, bool grad_t, T* out_loss,
                     T* out_stats) {
@@ -258,10 +259,12 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
     }
   }
   *out_loss = static_cast<T>(loss);
-  out_stats[0] = static_cast<T>(m_s + log_ls);
-  out_stats[1] = static_cast<T>(m_t + log_lt);
-  out_stats[2] = static_cast<T>(c_s);
-  out_stats[3] = static_cast<T>(c_t);
+  out_stats[0] = static_cast<T>(m_s);
+  out_stats[1] = static_cast<T>(log_ls);
+  out_stats[2] = static_cast<T>(m_t);
+  out_stats[3] = static_cast<T>(log_lt);
+  out_stats[4] = static_cast<T>(c_s);
+  out_stats[5] = static_cast<T>(c_t);
   if (!grad_s && !grad_t) return;
 
   // ---- pass 3: G = (q*g - q c_s) * row_grad / T (likewise p*h - p c_t), times 1 - tanh^2 under a softcap
@@ -352,7 +355,7 @@ void check_logits(const char* name, const at::Tensor& z) {
 
 // zs, zt: [C, V] float32/float64 raw chunk logits (student, teacher), contiguous rows; overwritten in place (with G
 // when grad_s / grad_t, else with scratch values under a softcap). row_grad: [C] upstream gradient of each row's loss,
-// required when a gradient is wanted. kind: 0..5 (divergences.py). Returns loss [C] and stats [C, 4]
+// required when a gradient is wanted. kind: 0..5 (divergences.py). Returns loss [C] and stats [C, 6]
 // (lse_s, lse_t, c_s, c_t) in the logits' dtype.
 std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt, c10::optional<at::Tensor> row_grad,
                                                    int64_t kind, double log_w, double log_1mw, double temperature,
@@ -387,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt,
     rg = row_grad->to(zs.scalar_type()).contiguous();
   }
   auto loss = at::empty({C}, zs.options());
-  auto stats = at::empty({C, 4}, zs.options());
+  auto stats = at::empty({C, 6}, zs.options());
   if (C == 0) return {loss, stats};
 
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "minillm_fast_native::divergence_rows", [&] {
@@ -413,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt,
     at::parallel_for(0, C, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const T scale = prg ? prg[r] * inv_t : T(0);
-        fn(ps + r * ld_s, pt + r * ld_t, V, k, scale, grad_s, grad_t, pl + r, pst + 4 * r);
+        fn(ps + r * ld_s, pt + r * ld_t, V, k, scale, grad_s, grad_t, pl + r, pst + 6 * r);
       }
     });
   });
@@ -425,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "minillm-fast native (C++) CPU kernels; see csrc/fused_divergence_cpu.cpp";
   m.def("divergence_rows", &minillm_fast_native::divergence_rows,
-        "Loss [C], stats [C, 4] of chunk logits zs, zt [C, V]; G written in place when grad_s / grad_t.",
+        "Loss [C], stats [C, 6] of chunk logits zs, zt [C, V]; G written in place when grad_s / grad_t.",
         py::arg("zs"), py::arg("zt"), py::arg("row_grad"), py::arg("kind"), py::arg("log_w"), py::arg("log_1mw"),
         py::arg("temperature"), py::arg("softcap"), py::arg("grad_s"), py::arg("grad_t"),
         py::call_guard<py::gil_scoped_release>());

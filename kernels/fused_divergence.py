@@ -13,15 +13,19 @@ Two strategies share the tile helpers:
 
 * vocab-tiled (`_fused_divergence_fwd_kernel`, `_fused_divergence_bwd_kernel`): logits never leave registers. The
   forward streams vocabulary tiles through ``tl.dot`` and keeps, per row, online max/sum-exp for both models (as
-  flash-attention does). For the two KLs it also keeps a shifted accumulator of ``sum e^(a - m_a) ((a - m_a) -
-  (b - m_b))``, rebased when either running maximum moves, so the loss comes out of the same single pass. Other
-  divergences are not linear in the unnormalised weights, so they take a second pass once both lse are known. The
-  forward stores O(N) statistics ``[lse_s, lse_t, c_s, c_t]``; the backward recomputes each (row block, vocab block)
-  tile on a 2D grid, forms G, and adds its two products into fp32 gradient buffers with atomics (so gradient sums
-  are not bitwise deterministic on GPU).
+  flash-attention does), then a second pass sums ``phi``, ``q*g`` and ``p*h`` entry by entry. (A single-pass KL
+  accumulator, `_kl_update`, gives the loss alone; but its ``c_s = L + 1`` then does not cancel exactly against the
+  per-entry terms the backward recomputes, which costs the gradient ~1e-3 absolute at logits ~1e4 where the
+  materialised computation is exact, so the gradient path always takes the second pass.) The forward stores O(N)
+  statistics; the backward recomputes each (row block, vocab block) tile on a 2D grid, forms G, and adds its two
+  products into fp32 gradient buffers with atomics (so gradient sums are not bitwise deterministic on GPU).
 * token-chunked (`_divergence_rows_kernel`): the caller computes a chunk of full-vocabulary logits with cuBLAS;
   this kernel turns them into the per-row loss and statistics and overwrites them with G, ready for the gradient
   matmuls. Minimum matmul count, memory O(chunk x V).
+
+Statistics per row, ``stats [N, 6]``: ``m_s, log l_s, m_t, log l_t, c_s, c_t`` with ``lse = m + log l``. The max and
+the log-sum are kept apart because log-probs are formed as ``(s - m) - log l``: ``lse`` itself is rounded at the
+magnitude of the largest logit, and ``s - lse`` would carry that rounding into every probability of the row.
 
 fp32 inputs use IEEE fp32 dots unless MINILLM_FAST_ALLOW_TF32=1 (tf32 costs ~1e-3 relative error in the logits,
 far outside the fp32 error budget). fp64 is not supported by tl.dot; the torch backend takes fp64.
@@ -152,36 +156,37 @@ def _terms(lq, lp, KIND: tl.constexpr, log_w, log_1mw):
 
 
 @triton.jit
-def _finish_kl(m_s, l_s, m_t, l_t, acc, KIND: tl.constexpr):
-    """Row statistics of a KL from the single-pass accumulators: lse_s, lse_t, loss, c_s, c_t."""
-    log_ls = tl.log(l_s)
-    log_lt = tl.log(l_t)
-    if KIND == 0:  # E_q[lq - lp]; c_s = L + 1, c_t = sum(-q) = -1
-        loss = acc / l_s - log_ls + log_lt
-        c_s = loss + 1.0
-        c_t = tl.full(loss.shape, -1.0, tl.float32)
-    else:  # E_p[lp - lq]; c_s = sum(-p) = -1, c_t = L + 1
-        loss = acc / l_t - log_lt + log_ls
-        c_s = tl.full(loss.shape, -1.0, tl.float32)
-        c_t = loss + 1.0
-    return m_s + log_ls, m_t + log_lt, loss, c_s, c_t
-
-
-@triton.jit
-def _store_stats(loss_ptr, stats_ptr, o_n, m_n, lse_s, lse_t, loss, c_s, c_t):
+def _store_stats(loss_ptr, stats_ptr, o_n, m_n, m_s, ll_s, m_t, ll_t, loss, c_s, c_t):
     tl.store(loss_ptr + o_n, loss, mask=m_n)
-    tl.store(stats_ptr + o_n * 4 + 0, lse_s, mask=m_n)
-    tl.store(stats_ptr + o_n * 4 + 1, lse_t, mask=m_n)
-    tl.store(stats_ptr + o_n * 4 + 2, c_s, mask=m_n)
-    tl.store(stats_ptr + o_n * 4 + 3, c_t, mask=m_n)
+    tl.store(stats_ptr + o_n * 6 + 0, m_s, mask=m_n)
+    tl.store(stats_ptr + o_n * 6 + 1, ll_s, mask=m_n)
+    tl.store(stats_ptr + o_n * 6 + 2, m_t, mask=m_n)
+    tl.store(stats_ptr + o_n * 6 + 3, ll_t, mask=m_n)
+    tl.store(stats_ptr + o_n * 6 + 4, c_s, mask=m_n)
+    tl.store(stats_ptr + o_n * 6 + 5, c_t, mask=m_n)
 
 
 @triton.jit
-def _grad_tiles(s, t, c_soft_s, c_soft_t, valid, lse_s, lse_t, c_s, c_t, scale,
+def _log_probs(s, t, valid, m_s, ll_s, m_t, ll_t):
+    """``(s - m) - log l`` for both models, 0 on masked entries (see the note on statistics)."""
+    lq = tl.where(valid, (s - m_s[:, None]) - ll_s[:, None], 0.0)
+    lp = tl.where(valid, (t - m_t[:, None]) - ll_t[:, None], 0.0)
+    return lq, lp
+
+
+@triton.jit
+def _row_sums(lq, lp, valid, KIND: tl.constexpr, log_w, log_1mw):
+    """Per-row sums of phi, q*g and p*h over one tile: the loss and the two gradient constants."""
+    phi, qg, ph = _terms(lq, lp, KIND, log_w, log_1mw)
+    return (tl.sum(tl.where(valid, phi, 0.0), 1), tl.sum(tl.where(valid, qg, 0.0), 1),
+            tl.sum(tl.where(valid, ph, 0.0), 1))
+
+
+@triton.jit
+def _grad_tiles(s, t, c_soft_s, c_soft_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t, scale,
                 KIND: tl.constexpr, log_w, log_1mw, USE_SOFTCAP: tl.constexpr):
     """dL/dz for both models on one tile; ``scale`` [BN] is upstream gradient x 1/T per row."""
-    lq = tl.where(valid, s - lse_s[:, None], 0.0)
-    lp = tl.where(valid, t - lse_t[:, None], 0.0)
+    lq, lp = _log_probs(s, t, valid, m_s, ll_s, m_t, ll_t)
     _, qg, ph = _terms(lq, lp, KIND, log_w, log_1mw)
     g_s = (qg - tl.exp(lq) * c_s[:, None]) * scale[:, None]
     g_t = (ph - tl.exp(lp) * c_t[:, None]) * scale[:, None]
@@ -200,7 +205,7 @@ def _fused_divergence_fwd_kernel(
     hs_ptr, ws_ptr, bs_ptr,   # student hidden [N, HS], head [V, HS], bias [V]
     ht_ptr, wt_ptr, bt_ptr,   # teacher hidden [N, HT], head [V, HT], bias [V]
     loss_ptr,                 # out [N] fp32: per-row divergence
-    stats_ptr,                # out [N, 4] fp32: lse_s, lse_t, c_s, c_t
+    stats_ptr,                # out [N, 6] fp32: m_s, log l_s, m_t, log l_t, c_s, c_t
     # shapes
     N, V, HS, HT,
     # strides (rows; the last dimension is contiguous)
@@ -215,55 +220,44 @@ def _fused_divergence_fwd_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < N
 
+    # pass 1: online max / sum-exp of both models
     m_s = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
     l_s = tl.zeros((BLOCK_N,), tl.float32)
     m_t = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
     l_t = tl.zeros((BLOCK_N,), tl.float32)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]
         z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
                          HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         s, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-        s = tl.where(valid, s, LOG_ZERO)
         z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
                          HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         t, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-        t = tl.where(valid, t, LOG_ZERO)
-        m_s_new, l_s_new = _online_update(s, m_s, l_s)
-        m_t_new, l_t_new = _online_update(t, m_t, l_t)
-        if KIND == 0:
-            acc = _kl_update(s, t, valid, m_s, l_s, m_t, m_s_new, m_t_new, acc)
-        elif KIND == 1:
-            acc = _kl_update(t, s, valid, m_t, l_t, m_s, m_t_new, m_s_new, acc)
-        m_s, l_s, m_t, l_t = m_s_new, l_s_new, m_t_new, l_t_new
+        m_s, l_s = _online_update(tl.where(valid, s, LOG_ZERO), m_s, l_s)
+        m_t, l_t = _online_update(tl.where(valid, t, LOG_ZERO), m_t, l_t)
+    ll_s = tl.log(l_s)
+    ll_t = tl.log(l_t)
 
-    if KIND <= 1:
-        lse_s, lse_t, loss, c_s, c_t = _finish_kl(m_s, l_s, m_t, l_t, acc, KIND)
-    else:
-        # Second pass: phi and the gradient constants need normalised probabilities.
-        lse_s = m_s + tl.log(l_s)
-        lse_t = m_t + tl.log(l_t)
-        loss = tl.zeros((BLOCK_N,), tl.float32)
-        c_s = tl.zeros((BLOCK_N,), tl.float32)
-        c_t = tl.zeros((BLOCK_N,), tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            o_v = v0 + tl.arange(0, BLOCK_V)
-            valid = (o_v < V)[None, :]
-            z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
-                             HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-            s, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-            z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
-                             HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-            t, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-            lq = tl.where(valid, s - lse_s[:, None], 0.0)
-            lp = tl.where(valid, t - lse_t[:, None], 0.0)
-            phi, qg, ph = _terms(lq, lp, KIND, log_w, log_1mw)
-            loss += tl.sum(tl.where(valid, phi, 0.0), 1)
-            c_s += tl.sum(tl.where(valid, qg, 0.0), 1)
-            c_t += tl.sum(tl.where(valid, ph, 0.0), 1)
-    _store_stats(loss_ptr, stats_ptr, o_n, m_n, lse_s, lse_t, loss, c_s, c_t)
+    # pass 2: the loss and the gradient constants, entry by entry (as the backward will recompute them)
+    loss = tl.zeros((BLOCK_N,), tl.float32)
+    c_s = tl.zeros((BLOCK_N,), tl.float32)
+    c_t = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        valid = (o_v < V)[None, :]
+        z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
+                         HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        s, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+        z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
+                         HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        t, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+        lq, lp = _log_probs(s, t, valid, m_s, ll_s, m_t, ll_t)
+        d_loss, d_cs, d_ct = _row_sums(lq, lp, valid, KIND, log_w, log_1mw)
+        loss += d_loss
+        c_s += d_cs
+        c_t += d_ct
+    _store_stats(loss_ptr, stats_ptr, o_n, m_n, m_s, ll_s, m_t, ll_t, loss, c_s, c_t)
 
 
 @triton.jit
@@ -293,7 +287,7 @@ def _accumulate_head_grads(g, h_ptr, w_ptr, gh_ptr, gw_ptr, gb_ptr, o_n, o_v, N,
 def _fused_divergence_bwd_kernel(
     # data ptrs
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr,
-    stats_ptr,                   # [N, 4] fp32 from the forward
+    stats_ptr,                   # [N, 6] fp32 from the forward
     row_grad_ptr,                # [N] fp32 upstream gradient of each row's loss (0 for ignored rows)
     ghs_ptr, gws_ptr, gbs_ptr,   # fp32 accumulators [N, HS], [V, HS], [V] (atomics)
     ght_ptr, gwt_ptr, gbt_ptr,   # fp32 accumulators [N, HT], [V, HT], [V]
@@ -316,10 +310,12 @@ def _fused_divergence_bwd_kernel(
     m_n = o_n < N
     valid = m_n[:, None] & (o_v < V)[None, :]
 
-    lse_s = tl.load(stats_ptr + o_n * 4 + 0, mask=m_n, other=0.0)
-    lse_t = tl.load(stats_ptr + o_n * 4 + 1, mask=m_n, other=0.0)
-    c_s = tl.load(stats_ptr + o_n * 4 + 2, mask=m_n, other=0.0)
-    c_t = tl.load(stats_ptr + o_n * 4 + 3, mask=m_n, other=0.0)
+    m_s = tl.load(stats_ptr + o_n * 6 + 0, mask=m_n, other=0.0)
+    ll_s = tl.load(stats_ptr + o_n * 6 + 1, mask=m_n, other=0.0)
+    m_t = tl.load(stats_ptr + o_n * 6 + 2, mask=m_n, other=0.0)
+    ll_t = tl.load(stats_ptr + o_n * 6 + 3, mask=m_n, other=0.0)
+    c_s = tl.load(stats_ptr + o_n * 6 + 4, mask=m_n, other=0.0)
+    c_t = tl.load(stats_ptr + o_n * 6 + 5, mask=m_n, other=0.0)
     scale = tl.load(row_grad_ptr + o_n, mask=m_n, other=0.0) * inv_temp
 
     z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
@@ -328,7 +324,7 @@ def _fused_divergence_bwd_kernel(
     z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
                      HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
     t, cap_t = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-    g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, lse_s, lse_t, c_s, c_t, scale,
+    g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t, scale,
                            KIND, log_w, log_1mw, USE_SOFTCAP)
     if NEED_GHS or NEED_GWS or NEED_GBS:
         _accumulate_head_grads(g_s, hs_ptr, ws_ptr, ghs_ptr, gws_ptr, gbs_ptr, o_n, o_v, N, V, HS,
@@ -346,7 +342,7 @@ def _divergence_rows_kernel(
     # data ptrs
     zs_ptr, zt_ptr,         # [C, V] fp32 raw logits of the chunk; overwritten with dL/dz when grads are wanted
     loss_ptr,               # out [C] fp32
-    stats_ptr,              # out [C, 4] fp32
+    stats_ptr,              # out [C, 6] fp32 (see the note on statistics)
     row_grad_ptr,           # [C] fp32 upstream gradient per row
     # shapes
     C, V,
@@ -365,7 +361,6 @@ def _divergence_rows_kernel(
     l_s = tl.zeros((BLOCK_N,), tl.float32)
     m_t = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
     l_t = tl.zeros((BLOCK_N,), tl.float32)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = m_n[:, None] & (o_v < V)[None, :]
@@ -373,38 +368,27 @@ def _divergence_rows_kernel(
                       inv_temp, softcap, USE_SOFTCAP)
         t, _ = _scale(tl.load(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], mask=valid, other=0.0),
                       inv_temp, softcap, USE_SOFTCAP)
-        s = tl.where(valid, s, LOG_ZERO)
-        t = tl.where(valid, t, LOG_ZERO)
-        m_s_new, l_s_new = _online_update(s, m_s, l_s)
-        m_t_new, l_t_new = _online_update(t, m_t, l_t)
-        if KIND == 0:
-            acc = _kl_update(s, t, valid, m_s, l_s, m_t, m_s_new, m_t_new, acc)
-        elif KIND == 1:
-            acc = _kl_update(t, s, valid, m_t, l_t, m_s, m_t_new, m_s_new, acc)
-        m_s, l_s, m_t, l_t = m_s_new, l_s_new, m_t_new, l_t_new
+        m_s, l_s = _online_update(tl.where(valid, s, LOG_ZERO), m_s, l_s)
+        m_t, l_t = _online_update(tl.where(valid, t, LOG_ZERO), m_t, l_t)
+    ll_s = tl.log(l_s)
+    ll_t = tl.log(l_t)
 
-    if KIND <= 1:
-        lse_s, lse_t, loss, c_s, c_t = _finish_kl(m_s, l_s, m_t, l_t, acc, KIND)
-    else:
-        lse_s = m_s + tl.log(l_s)
-        lse_t = m_t + tl.log(l_t)
-        loss = tl.zeros((BLOCK_N,), tl.float32)
-        c_s = tl.zeros((BLOCK_N,), tl.float32)
-        c_t = tl.zeros((BLOCK_N,), tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            o_v = v0 + tl.arange(0, BLOCK_V)
-            valid = m_n[:, None] & (o_v < V)[None, :]
-            s, _ = _scale(tl.load(zs_ptr + o_n[:, None] * stride_zs + o_v[None, :], mask=valid, other=0.0),
-                          inv_temp, softcap, USE_SOFTCAP)
-            t, _ = _scale(tl.load(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], mask=valid, other=0.0),
-                          inv_temp, softcap, USE_SOFTCAP)
-            lq = tl.where(valid, s - lse_s[:, None], 0.0)
-            lp = tl.where(valid, t - lse_t[:, None], 0.0)
-            phi, qg, ph = _terms(lq, lp, KIND, log_w, log_1mw)
-            loss += tl.sum(tl.where(valid, phi, 0.0), 1)
-            c_s += tl.sum(tl.where(valid, qg, 0.0), 1)
-            c_t += tl.sum(tl.where(valid, ph, 0.0), 1)
-    _store_stats(loss_ptr, stats_ptr, o_n, m_n, lse_s, lse_t, loss, c_s, c_t)
+    loss = tl.zeros((BLOCK_N,), tl.float32)
+    c_s = tl.zeros((BLOCK_N,), tl.float32)
+    c_t = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        valid = m_n[:, None] & (o_v < V)[None, :]
+        s, _ = _scale(tl.load(zs_ptr + o_n[:, None] * stride_zs + o_v[None, :], mask=valid, other=0.0),
+                      inv_temp, softcap, USE_SOFTCAP)
+        t, _ = _scale(tl.load(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], mask=valid, other=0.0),
+                      inv_temp, softcap, USE_SOFTCAP)
+        lq, lp = _log_probs(s, t, valid, m_s, ll_s, m_t, ll_t)
+        d_loss, d_cs, d_ct = _row_sums(lq, lp, valid, KIND, log_w, log_1mw)
+        loss += d_loss
+        c_s += d_cs
+        c_t += d_ct
+    _store_stats(loss_ptr, stats_ptr, o_n, m_n, m_s, ll_s, m_t, ll_t, loss, c_s, c_t)
 
     if GRAD_S or GRAD_T:
         scale = tl.load(row_grad_ptr + o_n, mask=m_n, other=0.0) * inv_temp
@@ -415,7 +399,7 @@ def _divergence_rows_kernel(
             p_t = zt_ptr + o_n[:, None] * stride_zt + o_v[None, :]
             s, cap_s = _scale(tl.load(p_s, mask=valid, other=0.0), inv_temp, softcap, USE_SOFTCAP)
             t, cap_t = _scale(tl.load(p_t, mask=valid, other=0.0), inv_temp, softcap, USE_SOFTCAP)
-            g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, lse_s, lse_t, c_s, c_t, scale,
+            g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t, scale,
                                    KIND, log_w, log_1mw, USE_SOFTCAP)
             if GRAD_S:
                 tl.store(p_s, g_s, mask=valid)
@@ -471,13 +455,13 @@ def fused_divergence_fwd(hs, ws, bs, ht, wt, bt, *, kind: int, log_w: float, log
                          temperature: float, softcap: float, vocab_size: int):
     """Vocab-tiled forward. hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise for the teacher.
 
-    Returns ``loss [N]`` fp32 (per-row divergence) and ``stats [N, 4]`` fp32 (lse_s, lse_t, c_s, c_t).
+    Returns ``loss [N]`` fp32 (per-row divergence) and ``stats [N, 6]`` fp32 (m_s, log l_s, m_t, log l_t, c_s, c_t).
     """
     _check_supported(hs, ws, bs, ht, wt, bt)
     hs, ws, bs, ht, wt, bt = interpreter_safe(*(_rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
     n = hs.shape[0]
     loss = torch.empty(n, device=hs.device, dtype=torch.float32)
-    stats = torch.empty(n, 4, device=hs.device, dtype=torch.float32)
+    stats = torch.empty(n, 6, device=hs.device, dtype=torch.float32)
     cfg = _tile_config(hs.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _fused_divergence_fwd_kernel[grid](
@@ -526,13 +510,13 @@ def divergence_rows(zs, zt, row_grad, *, kind: int, log_w: float, log_1mw: float
                     softcap: float, grad_s: bool, grad_t: bool):
     """Chunk rows: zs, zt [C, V] fp32 raw logits (contiguous rows); row_grad [C] fp32.
 
-    Returns ``loss [C]``, ``stats [C, 4]``; when grad_s / grad_t, zs / zt are overwritten in place with dL/dz
+    Returns ``loss [C]``, ``stats [C, 6]``; when grad_s / grad_t, zs / zt are overwritten in place with dL/dz
     (already multiplied by row_grad) and returned, else None.
     """
     _check_supported(zs, zt)
     c, v = zs.shape
     loss = torch.empty(c, device=zs.device, dtype=torch.float32)
-    stats = torch.empty(c, 4, device=zs.device, dtype=torch.float32)
+    stats = torch.empty(c, 6, device=zs.device, dtype=torch.float32)
     block_n = 4 if zs.device.type == "cuda" else 8
     block_v = 2048 if zs.device.type == "cuda" else 256
     _divergence_rows_kernel[(triton.cdiv(c, block_n),)](

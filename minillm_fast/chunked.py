@@ -35,8 +35,10 @@ class DivergenceConfig:
                     softcap=self.softcap)
 
 
-# A rows function: (zs [C, V], zt [C, V], row_grad [C] | None, cfg, grad_s, grad_t) -> (loss [C], stats [C, 4],
-# dL/dzs [C, V] | None, dL/dzt [C, V] | None). It may overwrite zs and zt.
+# A rows function: (zs [C, V], zt [C, V], row_grad [C] | None, cfg, grad_s, grad_t) -> (loss [C], stats [C, 6],
+# dL/dzs [C, V] | None, dL/dzt [C, V] | None). It may overwrite zs and zt. stats = (m_s, log l_s, m_t, log l_t, c_s,
+# c_t): row max and log-sum-exp about it, kept apart (kernels/fused_divergence.py explains why), and the sums of q*g
+# and p*h.
 RowsFn = Callable[..., tuple]
 
 
@@ -49,11 +51,14 @@ def torch_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tens
         cap_s, cap_t = torch.tanh(zs / cfg.softcap), torch.tanh(zt / cfg.softcap)
         zs, zt = cap_s * cfg.softcap, cap_t * cfg.softcap
     s, t = zs * inv_t, zt * inv_t
-    lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
-    lq, lp = s - lse_s[:, None], t - lse_t[:, None]
+    m_s, m_t = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
+    # (s - m) - log l, never s - lse: lse is rounded at the size of the largest logit
+    ll_s = torch.log(torch.exp(s - m_s).sum(-1, keepdim=True))
+    ll_t = torch.log(torch.exp(t - m_t).sum(-1, keepdim=True))
+    lq, lp = (s - m_s) - ll_s, (t - m_t) - ll_t
     phi, qg, ph = divergences.terms(lq, lp, cfg.div)
     loss, c_s, c_t = phi.sum(-1), qg.sum(-1), ph.sum(-1)
-    stats = torch.stack([lse_s, lse_t, c_s, c_t], dim=1)
+    stats = torch.cat([m_s, ll_s, m_t, ll_t, c_s[:, None], c_t[:, None]], dim=1)
     g_s = g_t = None
     if grad_s or grad_t:
         scale = (row_grad * inv_t)[:, None]
@@ -88,7 +93,8 @@ class _HeadGrads:
     def __init__(self, h, w, b, needs, vocab_size):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         self.h, self.w, self.vocab_size = h, w[:vocab_size], vocab_size
-        self.gh = torch.empty_like(h) if needs[0] else None
+        # contiguous whatever the input's strides: the ops promise (and their fakes declare) row-major gradients
+        self.gh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
         self.gw = torch.zeros(w.shape, dtype=acc, device=w.device) if needs[1] else None
         self.gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if (needs[2] and b is not None) else None
         self.w_dtype = w.dtype
@@ -123,13 +129,13 @@ def run(hs, ws, bs, ht, wt, bt, cfg: DivergenceConfig, *, rows_fn: RowsFn, chunk
 
     hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise the teacher; row_grad [N] fp32 (the upstream gradient of
     each row's loss: row scales in a forward that computes gradients, upstream x scales in a backward) or None.
-    needs: six bools (grads of hs, ws, bs, ht, wt, bt). Returns ``loss [N]`` and ``stats [N, 4]`` (or None when not
+    needs: six bools (grads of hs, ws, bs, ht, wt, bt). Returns ``loss [N]`` and ``stats [N, 6]`` (or None when not
     want_loss) and the six gradients (None where not needed).
     """
     n, v = hs.shape[0], cfg.vocab_size
     f = torch.float64 if hs.dtype == torch.float64 else torch.float32
     loss = torch.empty(n, dtype=f, device=hs.device) if want_loss else None
-    stats = torch.empty(n, 4, dtype=f, device=hs.device) if want_loss else None
+    stats = torch.empty(n, 6, dtype=f, device=hs.device) if want_loss else None
     student = _HeadGrads(hs, ws, bs, needs[:3], v)
     teacher = _HeadGrads(ht, wt, bt, needs[3:], v)
     ws_v, wt_v = ws[:v], wt[:v]

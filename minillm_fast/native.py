@@ -157,7 +157,7 @@ def build_error() -> Optional[str]:
 def native_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg, grad_s: bool,
                 grad_t: bool):
     """The rows function of the chunked strategy (see minillm_fast/chunked.py) in C++: zs, zt [C, V] float32 or
-    float64 CPU chunk logits, overwritten in place. Returns loss [C], stats [C, 4] and dL/dzs, dL/dzt (the
+    float64 CPU chunk logits, overwritten in place. Returns loss [C], stats [C, 6] and dL/dzs, dL/dzt (the
     overwritten buffers) where asked, else None."""
     if zs.stride(-1) != 1:
         zs = zs.contiguous()

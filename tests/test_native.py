@@ -245,7 +245,7 @@ def test_same_buffer_refused(ext):
 
 def test_empty_chunk(ext):
     loss, stats = _call(ext, Z(0, 8), Z(0, 8))
-    assert loss.shape == (0,) and stats.shape == (0, 4)
+    assert loss.shape == (0,) and stats.shape == (0, 6)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def _fwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor
             row_scale: Tensor, kind: int, weight: float, temperature: float, softcap: float, vocab_size: int,
             backend: str, strategy: str, chunk_size: int, grads: list[bool]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-row loss [N], stats [N, 4] and, where ``grads`` asks, the gradients of sum(row_scale * loss)."""
+    """Per-row loss [N], stats [N, 6] and, where ``grads`` asks, the gradients of sum(row_scale * loss)."""
     cfg = _config(kind, weight, temperature, softcap, vocab_size)
     needs = tuple(grads)
     if strategy == "tiled":
@@ -78,12 +78,13 @@ def _(hs, ws, bs, ht, wt, bt, row_scale, kind, weight, temperature, softcap, voc
       chunk_size, grads):
     f = torch.float64 if hs.dtype == torch.float64 else torch.float32
     n = hs.shape[0]
-    return (hs.new_empty(n, dtype=f), hs.new_empty(n, 4, dtype=f), *_fake_grads(hs, ws, bs, ht, wt, bt, grads))
+    return (hs.new_empty(n, dtype=f), hs.new_empty(n, 6, dtype=f), *_fake_grads(hs, ws, bs, ht, wt, bt, grads))
 
 
 def _fake_grads(hs, ws, bs, ht, wt, bt, grads):
+    """Gradients are contiguous whatever the inputs' strides (a transposed head gives a row-major gradient)."""
     like = (hs, ws, bs, ht, wt, bt)
-    return tuple(torch.empty_like(x) if need and x is not None else hs.new_empty(0) for need, x in zip(grads, like))
+    return tuple(x.new_empty(x.shape) if need and x is not None else hs.new_empty(0) for need, x in zip(grads, like))
 
 
 @torch.library.custom_op("minillm_fast::fused_divergence_bwd", mutates_args=())

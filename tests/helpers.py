@@ -1,0 +1,239 @@
+"""Shared test utilities: the backends available here, input factories and the error-budget assertion.
+
+Error budget (as flash-attention's tests do it). For inputs ``x`` in the tested dtype:
+
+* ground truth  = the reference (minillm_fast/reference.py) on float64 copies of ``x``;
+* naive error   = |reference(x) - truth|, the error plain PyTorch makes in the tested dtype (the largest of four
+  evaluations that differ only in summation order: as given, vocabulary reversed, hidden dimension reversed, both;
+  so that one lucky rounding does not shrink the budget);
+* the fast path passes when ``|impl(x) - truth| <= 2 * naive error + small``, with ``small`` the rounding of
+  fp32 arithmetic plus one rounding to the tested dtype, relative to the truth's magnitude: ``(8 eps(fp32) +
+  eps(dtype) / 2) * max|truth|``, ~1e-6 x max|truth| in fp32 and 0.4% in bf16 (``rounding_slack``).
+
+Errors are max-abs over the tensor; every quantity (loss, each gradient) gets its own budget, and none may be NaN.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+if not torch.cuda.is_available():  # conftest sets it first; kept here for a standalone `import helpers`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import minillm_fast  # noqa: E402
+from minillm_fast import backends, reference  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+REDUCTIONS = ("mean", "sum", "none")
+# Hidden/head tensors of fused_divergence, in positional-then-keyword order.
+TENSOR_NAMES = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight", "student_bias",
+                "teacher_bias")
+STUDENT = ("student_hidden", "student_weight")
+# fused_divergence arguments the reference does not take (besides backend and strategy)
+IMPL_ONLY = ("chunk_size",)
+# fp32 ulps of rounding slack in the budget (rounding_slack): 8.5 ulps in all is 1.0e-6 x max|truth| in fp32.
+SMALL_ULPS = 8
+
+
+def available_impls(device: torch.device = DEVICE) -> list[tuple[str, str]]:
+    """(backend, strategy) pairs that run on ``device``: torch always; triton chunked and tiled; native when it
+    resolves (it is picked up automatically once built)."""
+    impls = [("torch", "chunked")]
+    for backend, strategies in (("triton", ("chunked", "tiled")), ("native", ("chunked",))):
+        try:
+            backends.resolve(backend, device)
+        except Exception:  # noqa: BLE001 - not installed / not built / no CUDA: not parametrised
+            continue
+        impls += [(backend, s) for s in strategies]
+    return impls
+
+
+IMPLS = available_impls()
+IMPL_IDS = [f"{b}-{s}" for b, s in IMPLS]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------------------------------
+def randn(gen: torch.Generator, *shape, scale: float = 1.0, dtype=torch.float32, device=DEVICE) -> torch.Tensor:
+    """Standard normal from ``gen`` (always drawn on the CPU in fp32, so a seed gives the same numbers anywhere)."""
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def make_inputs(gen: torch.Generator, n: int = 37, hs: int = 24, ht: int = 40, v: int = 131, *,
+                lead: Optional[Sequence[int]] = None, v_student: Optional[int] = None,
+                v_teacher: Optional[int] = None, bias: bool = False, logit_std: float = 3.0,
+                dtype=torch.float32, device=DEVICE) -> dict:
+    """The six hidden/head tensors of ``fused_divergence`` (biases None unless ``bias``), detached.
+
+    Rows are ``lead`` (default ``[n]``); the logits have a standard deviation of about ``logit_std`` so that the
+    distributions are neither uniform nor one-hot. ``v_student`` / ``v_teacher`` give padded heads (default ``v``).
+    """
+    lead = tuple(lead) if lead is not None else (n,)
+    vs, vt = v_student or v, v_teacher or v
+    out = {
+        "student_hidden": randn(gen, *lead, hs, dtype=dtype, device=device),
+        "student_weight": randn(gen, vs, hs, scale=logit_std / hs ** 0.5, dtype=dtype, device=device),
+        "teacher_hidden": randn(gen, *lead, ht, dtype=dtype, device=device),
+        "teacher_weight": randn(gen, vt, ht, scale=logit_std / ht ** 0.5, dtype=dtype, device=device),
+        "student_bias": randn(gen, vs, dtype=dtype, device=device) if bias else None,
+        "teacher_bias": randn(gen, vt, dtype=dtype, device=device) if bias else None,
+    }
+    return out
+
+
+def labels_with_ignored(gen: torch.Generator, lead: Sequence[int], vocab: int, frac: float = 0.3,
+                        ignore_index: int = -100, device=DEVICE) -> torch.Tensor:
+    """Random token ids with about ``frac`` of the rows set to ``ignore_index`` (at least one kept row)."""
+    labels = torch.randint(0, vocab, tuple(lead), generator=gen)
+    drop = torch.rand(tuple(lead), generator=gen) < frac
+    drop.view(-1)[0] = False
+    return labels.masked_fill(drop, ignore_index).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# running the op and the reference the same way
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    out: torch.Tensor
+    grads: dict = field(default_factory=dict)
+
+    def items(self):
+        yield "loss", self.out
+        yield from ((f"grad {k}", g) for k, g in self.grads.items())
+
+
+def run(fn: Callable, tensors: dict, grad_names: Sequence[str] = STUDENT, *, cast=None, upstream=None,
+        **kwargs) -> Result:
+    """Call ``fn`` (fused_divergence or its reference) on fresh leaves made from ``tensors`` (optionally ``cast``
+    to a dtype), with gradients for ``grad_names``, and backpropagate ``upstream`` (ones by default)."""
+    leaves = {}
+    for k, t in tensors.items():
+        if t is None:
+            continue
+        t = t.detach().clone() if cast is None else t.detach().to(cast)
+        leaves[k] = t.requires_grad_(k in grad_names)
+    out = fn(leaves["student_hidden"], leaves["student_weight"], leaves["teacher_hidden"], leaves["teacher_weight"],
+             student_bias=leaves.get("student_bias"), teacher_bias=leaves.get("teacher_bias"), **kwargs)
+    grads = {}
+    if grad_names:
+        up = torch.ones_like(out) if upstream is None else upstream.to(device=out.device, dtype=out.dtype)
+        gs = torch.autograd.grad(out, [leaves[k] for k in grad_names], grad_outputs=up)
+        grads = dict(zip(grad_names, gs))
+    return Result(out.detach(), grads)
+
+
+def fused(tensors: dict, grad_names: Sequence[str] = STUDENT, *, backend: str, strategy: str = "auto",
+          upstream=None, **kwargs) -> Result:
+    return run(minillm_fast.fused_divergence, tensors, grad_names, upstream=upstream, backend=backend,
+               strategy=strategy, **kwargs)
+
+
+def _reordered(tensors: dict, vocab_size: Optional[int], flip_vocab: bool, flip_hidden: bool):
+    """The same inputs with the first ``vocab_size`` rows of both heads in reverse order (padded rows stay put)
+    and/or the hidden dimension reversed (hidden states and heads alike), and a function that maps a result back.
+    The math is unchanged; the order of every sum (matmuls, softmax, gradient reductions) is not."""
+    def perm(rows):
+        v = rows if vocab_size is None else vocab_size
+        return torch.cat([torch.arange(v - 1, -1, -1), torch.arange(v, rows)]).to(DEVICE)
+
+    perms, out = {}, dict(tensors)
+    for side in ("student", "teacher"):
+        w, b = tensors[f"{side}_weight"], tensors.get(f"{side}_bias")
+        p = perms[side] = perm(w.shape[0]) if flip_vocab else torch.arange(w.shape[0], device=DEVICE)
+        out[f"{side}_weight"] = w[p].flip(-1) if flip_hidden else w[p]
+        if b is not None:
+            out[f"{side}_bias"] = b[p]
+        if flip_hidden:
+            out[f"{side}_hidden"] = tensors[f"{side}_hidden"].flip(-1)
+
+    def restore(r: Result) -> Result:
+        grads = {}
+        for k, g in r.grads.items():
+            side = k.split("_")[0]
+            if flip_hidden and not k.endswith("_bias"):
+                g = g.flip(-1)
+            grads[k] = g[torch.argsort(perms[side])] if k.endswith(("_weight", "_bias")) else g
+        return Result(r.out, grads)
+
+    return out, restore
+
+
+def ground_truth_and_naive(tensors: dict, grad_names: Sequence[str] = STUDENT, *, upstream=None,
+                           **kwargs) -> tuple[Result, list]:
+    """The reference on float64 copies of the inputs (truth), and on the inputs as they are (naive).
+
+    Four naive evaluations: as given, with the vocabulary reversed, with the hidden dimension reversed, and both:
+    the same math summed in other orders. The naive error is the largest of the four: a single evaluation is
+    sometimes luckily exact on the few elements that decide a maximum, and the budget must not hang on that luck.
+    """
+    up64 = None if upstream is None else upstream.double()
+    truth = run(reference.fused_divergence, tensors, grad_names, cast=torch.float64, upstream=up64, **kwargs)
+    naive = []
+    for flip_vocab, flip_hidden in ((False, False), (True, False), (False, True), (True, True)):
+        inputs, restore = _reordered(tensors, kwargs.get("vocab_size"), flip_vocab, flip_hidden)
+        naive.append(restore(run(reference.fused_divergence, inputs, grad_names, upstream=upstream, **kwargs)))
+    return truth, naive
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the error budget
+# ----------------------------------------------------------------------------------------------------------------------
+def max_err(x: torch.Tensor, truth: torch.Tensor) -> float:
+    return (x.detach().double() - truth.detach().double()).abs().max().item() if truth.numel() else 0.0
+
+
+def small_term(truth: torch.Tensor, dtype: torch.dtype) -> float:
+    """``SMALL_ULPS * eps(dtype) * max|truth|``: a rounding slack relative to the magnitude of the truth."""
+    mag = truth.detach().double().abs().max().item() if truth.numel() else 0.0
+    return SMALL_ULPS * torch.finfo(dtype).eps * mag
+
+
+def rounding_slack(truth: torch.Tensor, dtype: torch.dtype) -> float:
+    """The ``small`` of the budget for inputs of ``dtype``: fp32 arithmetic (every path computes in fp32) plus one
+    rounding to the tested dtype, ``(SMALL_ULPS * eps(fp32) + eps(dtype) / 2) * max|truth|``: ~1e-6 x max|truth|
+    for fp32, half a bf16 ulp (0.4%) for bf16. Never a fixed atol: an all-zero truth leaves no slack at all."""
+    mag = truth.detach().double().abs().max().item() if truth.numel() else 0.0
+    return (SMALL_ULPS * torch.finfo(torch.float32).eps + torch.finfo(dtype).eps / 2) * mag
+
+
+def assert_no_nan(result: Result, what: str = "") -> None:
+    for name, x in result.items():
+        assert not torch.isnan(x).any(), f"{what}{name} has NaN: {x}"
+        assert torch.isfinite(x).all(), f"{what}{name} is not finite: {x}"
+
+
+def assert_within_budget(impl: Result, truth: Result, naive: Sequence[Result], dtype: torch.dtype,
+                         what: str = "") -> None:
+    """``err(impl) <= 2 err(naive) + small`` for the loss and every gradient, and no NaN/inf in ``impl``;
+    ``naive`` is one or more naive evaluations (the largest error counts), ``dtype`` the inputs' dtype."""
+    assert_no_nan(impl, what)
+    assert impl.grads.keys() == truth.grads.keys(), f"{what}gradients {impl.grads.keys()} vs {truth.grads.keys()}"
+    naive = [naive] if isinstance(naive, Result) else list(naive)
+    for (name, x), (_, t), *nvs in zip(impl.items(), truth.items(), *(nv.items() for nv in naive)):
+        assert x.shape == t.shape, f"{what}{name}: shape {tuple(x.shape)}, expected {tuple(t.shape)}"
+        e_naive = max(max_err(nv, t) for _, nv in nvs)
+        e_impl, small = max_err(x, t), rounding_slack(t, dtype)
+        assert e_impl <= 2 * e_naive + small, (
+            f"{what}{name}: error {e_impl:.3e} > 2 x naive {e_naive:.3e} + {small:.3e} "
+            f"(max|truth| {t.double().abs().max().item():.3e})"
+        )
+
+
+def check_op(tensors: dict, grad_names: Sequence[str] = STUDENT, *, backend: str, strategy: str = "auto",
+             upstream=None, what: str = "", **kwargs) -> tuple[Result, Result]:
+    """Run the fused op and the reference on ``tensors`` and apply the error budget; returns (impl, truth)."""
+    dtype = tensors["student_hidden"].dtype
+    ref_kwargs = {k: v for k, v in kwargs.items() if k not in IMPL_ONLY}
+    truth, naive = ground_truth_and_naive(tensors, grad_names, upstream=upstream, **ref_kwargs)
+    out = fused(tensors, grad_names, backend=backend, strategy=strategy, upstream=upstream, **kwargs)
+    assert out.out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), out.out.dtype
+    for k, g in out.grads.items():
+        assert g.dtype == tensors[k].dtype, f"grad {k} has dtype {g.dtype}, expected {tensors[k].dtype}"
+    assert_within_budget(out, truth, naive, dtype, what or f"[{backend}-{strategy}] ")
+    return out, truth

@@ -82,6 +82,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("liger-cpu", 1024, 2048, 128256, {"cpu": (128, 256, 512), "cuda": (128, 256, 512)},
            {"cpu": "float32", "cuda": "float32"},
            about="the issue's second CPU shape: N=512, Hs=1024, Ht=2048, V=128256 fp32"),
+    Preset("decode", 768, 768, 50304, {"cpu": (64,), "cuda": (64, 256)}, {"cpu": "float32", "cuda": "bfloat16"},
+           about="one decoding step of a batch of 64 (the sampler issue's shape: N=64, H=768, V=50304)"),
     Preset("gpu", 2048, 4096, 128256, {"cpu": (256, 512), "cuda": (2048, 4096, 8192)},
            {"cpu": "float32", "cuda": "bfloat16"},
            about="the issue's GPU shape: N=8192, Hs=2048, Ht=4096, V=128256 bf16"),

@@ -119,6 +119,31 @@ def resolve_vocab(vocab_size, *weights: tuple[str, torch.Tensor]) -> int:
     return vocab_size
 
 
+def check_models(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                 vocab_size):
+    """The student / teacher inputs of a two-model op, checked and flattened.
+
+    Returns ``(hs [N, Hs], ws [V_pad, Hs], bs | None, ht [N, Ht], wt [V_pad', Ht], bt | None)``, the real vocabulary
+    (:func:`resolve_vocab`) and the hidden states' leading shape.
+    """
+    hs = check_hidden("student_hidden", student_hidden)
+    ht = check_hidden("teacher_hidden", teacher_hidden)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must "
+            f"have the same leading shape (one row per token); got {tuple(student_hidden.shape[:-1])} vs "
+            f"{tuple(teacher_hidden.shape[:-1])}"
+        )
+    if hs.device != ht.device:
+        raise ValueError(f"student_hidden is on {hs.device} but teacher_hidden is on {ht.device}")
+    ws = check_weight("student_weight", student_weight, hs, "student_hidden")
+    wt = check_weight("teacher_weight", teacher_weight, ht, "teacher_hidden")
+    bs = check_bias("student_bias", student_bias, ws, "student_weight")
+    bt = check_bias("teacher_bias", teacher_bias, wt, "teacher_weight")
+    vocab = resolve_vocab(vocab_size, ("student_weight", ws), ("teacher_weight", wt))
+    return (hs, ws, bs, ht, wt, bt), vocab, student_hidden.shape[:-1]
+
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, chunked, divergences
-from ..checks import (check_bias, check_hidden, check_positive, check_reduction, check_rows, check_softcap,
-                      check_weight, resolve_vocab)
+from ..checks import check_models, check_positive, check_reduction, check_rows, check_softcap
 from ..chunked import DivergenceConfig
 from ..divergences import Divergence
 
@@ -225,25 +224,11 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hid
         reach the student's hidden states, weight and bias, and the teacher's too where those require grad.
     """
     div = divergences.resolve(divergence, beta, skew)
-    hs = check_hidden("student_hidden", student_hidden)
-    ht = check_hidden("teacher_hidden", teacher_hidden)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must "
-            f"have the same leading shape (one row per token); got {tuple(student_hidden.shape[:-1])} vs "
-            f"{tuple(teacher_hidden.shape[:-1])}"
-        )
-    if hs.device != ht.device:
-        raise ValueError(f"student_hidden is on {hs.device} but teacher_hidden is on {ht.device}")
-    ws = check_weight("student_weight", student_weight, hs, "student_hidden")
-    wt = check_weight("teacher_weight", teacher_weight, ht, "teacher_hidden")
-    bs = check_bias("student_bias", student_bias, ws, "student_weight")
-    bt = check_bias("teacher_bias", teacher_bias, wt, "teacher_weight")
+    (hs, ws, bs, ht, wt, bt), vocab, lead = check_models(student_hidden, student_weight, teacher_hidden,
+                                                         teacher_weight, student_bias, teacher_bias, vocab_size)
     temperature = check_positive("temperature", temperature)
     cap = check_softcap(softcap)
-    vocab = resolve_vocab(vocab_size, ("student_weight", ws), ("teacher_weight", wt))
     reduction = check_reduction(reduction)
-    lead = student_hidden.shape[:-1]
     scale = row_scale(lead, hs.device, labels=labels, ignore_index=ignore_index, mask=mask,
                       token_weights=token_weights, reduction=reduction,
                       dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)

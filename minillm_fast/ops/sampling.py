@@ -25,7 +25,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_bias, check_hidden, check_positive, check_rows, check_softcap, check_weight, resolve_vocab
+from ..checks import (check_bias, check_hidden, check_models, check_positive, check_rows, check_softcap, check_weight,
+                      resolve_vocab)
 from ..divergences import _check_unit, _log_mix
 from .token_logprobs import check_token_range, chunk_rows, out_dtype, resolve_backend, scaled_logits, triton_module
 
@@ -161,27 +162,6 @@ def _(hs, ws, bs, ht, wt, bt, seed, alpha, temperature, softcap, vocab_size, bac
 # ----------------------------------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------------------------------
-def _check_models(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-                  vocab_size):
-    """Flattened, checked student and teacher tensors, the real vocabulary and the leading shape."""
-    hs = check_hidden("student_hidden", student_hidden)
-    ht = check_hidden("teacher_hidden", teacher_hidden)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(
-            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must "
-            f"have the same leading shape (one row per token); got {tuple(student_hidden.shape[:-1])} vs "
-            f"{tuple(teacher_hidden.shape[:-1])}"
-        )
-    if hs.device != ht.device:
-        raise ValueError(f"student_hidden is on {hs.device} but teacher_hidden is on {ht.device}")
-    ws = check_weight("student_weight", student_weight, hs, "student_hidden")
-    wt = check_weight("teacher_weight", teacher_weight, ht, "teacher_hidden")
-    bs = check_bias("student_bias", student_bias, ws, "student_weight")
-    bt = check_bias("teacher_bias", teacher_bias, wt, "teacher_weight")
-    vocab = resolve_vocab(vocab_size, ("student_weight", ws), ("teacher_weight", wt))
-    return (hs, ws, bs, ht, wt, bt), vocab, student_hidden.shape[:-1]
-
-
 def _detach(*tensors):
     return tuple(None if t is None else t.detach() for t in tensors)
 
@@ -234,7 +214,7 @@ def rollout_statistics(student_hidden: Tensor, student_weight: Tensor, teacher_h
     Returns:
         :class:`RolloutStatistics` of ``[...]`` float32 tensors (float64 for float64 inputs), detached.
     """
-    (hs, ws, bs, ht, wt, bt), vocab, lead = _check_models(student_hidden, student_weight, teacher_hidden,
+    (hs, ws, bs, ht, wt, bt), vocab, lead = check_models(student_hidden, student_weight, teacher_hidden,
                                                           teacher_weight, student_bias, teacher_bias, vocab_size)
     alpha = _check_alpha(alpha)
     temperature = check_positive("temperature", temperature)
@@ -279,7 +259,7 @@ def mixture_sample(student_hidden: Tensor, student_weight: Tensor, teacher_hidde
         ``teacher_logprobs`` (log p(y)), ``mixture_logprobs`` (log m(y)) ``[...]`` float32 (float64 for float64
         inputs); ``.importance_weight`` is ``q(y) / m(y)``. No gradients.
     """
-    (hs, ws, bs, ht, wt, bt), vocab, lead = _check_models(student_hidden, student_weight, teacher_hidden,
+    (hs, ws, bs, ht, wt, bt), vocab, lead = check_models(student_hidden, student_weight, teacher_hidden,
                                                           teacher_weight, student_bias, teacher_bias, vocab_size)
     alpha = _check_alpha(alpha)
     temperature = check_positive("temperature", temperature)

@@ -13,8 +13,6 @@ import sys
 
 
 def _demo(argv: list) -> int:
-    """The built-in demo (minillm_fast/demo/pipeline.py): data, tokenizer, teacher, SFT / KD / SeqKD / MiniLLM and its
-    ablations, evaluation over 5 seeds, a report. ``--loss-only`` runs the seconds-long fused-loss example instead."""
     from .demo.pipeline import main as demo_main
 
     return demo_main(argv)

@@ -1,0 +1,615 @@
+"""``minillm-fast demo``: the whole MiniLLM mission end to end on a CPU, in minutes, with nothing downloaded.
+
+The paper's Table 1 (teacher, SFT w/o KD, KD, SeqKD, MiniLLM; Rouge-L over 5 seeds) and Table 4 (MiniLLM without
+length normalisation, without teacher-mixed sampling, without the single-step term), at toy scale:
+
+=========  ==========================================================================================================
+stage      what it does (outputs under ``--out``, default ``runs/demo``)
+=========  ==========================================================================================================
+data       ``tasks.write_splits`` (train/valid/test) and ``tasks.write_pretrain_corpus``; valid and test are also
+           written as ``{split}_refs.jsonl`` whose ``response`` is the list of every reference phrasing (the stored
+           one first), so validation and test Rouge-L take the max over references
+tokenizer  ``tokenizer.build_tokenizer`` on the rendered examples and the corpus, saved with ``save_pretrained``
+init       the teacher and the student built from ``configs`` (``build_model``), saved with the tokenizer
+teacher    SFT of the teacher (``minillm-fast distill``; best checkpoint by validation Rouge-L)
+students   SFT, KD and SeqKD of the student (best by validation Rouge-L, as the reference selects baselines); MiniLLM
+           initialised from the SFT checkpoint of lowest validation loss (paper, appendix B.1), and its three
+           ablations: ``length_norm=false``, ``alpha=0``, ``single_step=false``
+eval       every model on the test split, seeds 10 20 30 40 50 (``minillm-fast evaluate``: sampling at temperature
+           1, ``no_repeat_ngram_size=6``, Rouge-L and exact match, max over references)
+report     ``report.md`` (the table, what it shows and does not, timings, notes), ``rougeL.png``, ``rev_kl.png``
+=========  ==========================================================================================================
+
+Every training and evaluation job is the command a user runs, ``python -m minillm_fast distill --config X.yaml`` or
+``python -m minillm_fast evaluate ...``, started as a subprocess with its log in ``logs/`` and its YAML config in
+``configs/`` (so any stage can be re-run by hand). ``--jobs`` of them run side by side (default: one per core, at
+most 2) with ``--threads`` each (default 1), in dependency order, longest first; the teacher, which every job but
+SFT waits for, runs alone with all the threads (on 2 free cores, 2 threads made its steps 1.7x faster; two
+processes with 2 threads each on 2 cores were 1.5-3x slower than with one, OpenMP spin-waiting).
+
+Caching: the data, the tokenizer, the initial models, the teacher (with its SeqKD responses and its test evaluation)
+are reused by the next run when the settings that made them are unchanged (``cache.json`` records them); ``--fresh``
+rebuilds everything. The students are trained again on every run.
+
+``--quick`` runs the same pipeline on a smaller data set with short schedules: a smoke test of the plumbing (about a
+minute and a half on two cores), whose numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["Schedule", "FULL", "QUICK", "METHODS", "run_demo", "main"]
+
+# The rows of the report, in order: (name, what it is).
+METHODS = (
+    ("teacher", "teacher (SFT)"),
+    ("sft", "SFT w/o KD"),
+    ("kd", "KD"),
+    ("seqkd", "SeqKD"),
+    ("minillm", "MiniLLM"),
+    ("minillm_no_length_norm", "MiniLLM w/o length norm."),
+    ("minillm_no_teacher_mix", "MiniLLM w/o teacher-mixed sampling"),
+    ("minillm_no_single_step", "MiniLLM w/o single-step term"),
+)
+MINILLM_ABLATIONS = {
+    "minillm": {},
+    "minillm_no_length_norm": {"length_norm": False},
+    "minillm_no_teacher_mix": {"alpha": 0.0},
+    "minillm_no_single_step": {"single_step": False},
+}
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything a demo run trains and evaluates with. The dicts are ``distill`` config keys (``--help-config``)."""
+
+    name: str
+    quick_models: bool                      # configs.teacher_config / student_config(quick=...)
+    sizes: Dict[str, int]                   # examples per split
+    pretrain_lines: int
+    # lengths: the demo's longest prompt is 140 tokens, its longest response 56 (+ EOS)
+    common: Dict[str, object] = field(default_factory=dict)
+    teacher: Dict[str, object] = field(default_factory=dict)
+    sft: Dict[str, object] = field(default_factory=dict)
+    kd: Dict[str, object] = field(default_factory=dict)
+    seqkd: Dict[str, object] = field(default_factory=dict)
+    minillm: Dict[str, object] = field(default_factory=dict)
+    eval_batch_size: int = 100
+    seeds: Sequence[int] = (10, 20, 30, 40, 50)
+
+
+_COMMON = dict(max_length=200, max_prompt_length=144, max_new_tokens=56, device="auto", progress_bar=False,
+               plots=False, final_eval=False, overwrite=True, eval_batch_size=100)
+
+FULL = Schedule(
+    name="full",
+    quick_models=True,      # the 5.3M default teacher cannot become good in the budget on a CPU (see report notes)
+    sizes={"train": 4000, "valid": 200, "test": 200},
+    pretrain_lines=3000,
+    common=dict(_COMMON, max_valid_samples=100),
+    teacher=dict(batch_size=16, total_iters=1500, lr=3e-3, warmup_steps=30, eval_interval=250),
+    sft=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
+    kd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
+    seqkd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100, rollout_batch_size=100),
+    minillm=dict(batch_size=16, num_rollouts=64, rollout_batch_size=64, ppo_epochs=2, total_iters=160, lr=1e-3,
+                 warmup_steps=8, eval_interval=32, pt_batch_size=8, lm_coef=0.1),
+)
+
+QUICK = Schedule(
+    name="quick",
+    quick_models=True,
+    sizes={"train": 400, "valid": 20, "test": 20},
+    pretrain_lines=200,
+    common=dict(_COMMON, max_new_tokens=32, max_valid_samples=20, eval_batch_size=20),
+    teacher=dict(batch_size=8, total_iters=60, lr=3e-3, warmup_steps=5, eval_interval=30),
+    sft=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15),
+    kd=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15),
+    seqkd=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15, max_train_samples=48,
+               rollout_batch_size=48),
+    minillm=dict(batch_size=8, num_rollouts=8, rollout_batch_size=8, ppo_epochs=1, total_iters=2, lr=1e-3,
+                 warmup_steps=1, eval_interval=1, pt_batch_size=4, lm_coef=0.1),
+    eval_batch_size=20,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# jobs
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """One subprocess: a ``distill`` run (``config`` set) or an ``evaluate`` run (``argv`` set)."""
+
+    name: str
+    kind: str                                  # "train" | "eval"
+    argv: List[str]                            # arguments after ``python -m minillm_fast``
+    deps: List[str] = field(default_factory=list)
+    cost: float = 1.0                          # relative wall time, for longest-first scheduling
+    total_steps: int = 0                       # distill: optimiser steps (progress from metrics.jsonl)
+    run_dir: Optional[str] = None
+    after: Optional[object] = None             # callable run in this process when the job succeeds
+    cached: bool = False
+    exclusive: bool = False                    # runs alone, with every job slot's threads
+    # filled while running
+    proc: Optional[subprocess.Popen] = None
+    log: Optional[str] = None
+    start: float = 0.0
+    end: float = 0.0
+
+    def progress(self) -> float:
+        """Fraction done (0..1) of a running job."""
+        if self.kind != "train" or not self.total_steps or not self.run_dir:
+            return 0.0
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 4096))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+            for line in reversed(lines):
+                if line.startswith('{"step"'):
+                    return min(1.0, json.loads(line)["step"] / self.total_steps)
+        except (OSError, ValueError, KeyError):
+            pass
+        return 0.0
+
+
+class DemoError(RuntimeError):
+    """A stage of the demo failed; the message names the log to read."""
+
+
+def _child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _summary(job: Job) -> str:
+    """A few words on a finished job: the best validation Rouge-L of a run, the test Rouge-L of an evaluation."""
+    try:
+        if job.kind == "train" and job.run_dir:
+            with open(os.path.join(job.run_dir, "metrics.jsonl")) as f:
+                scores = [json.loads(line)["eval/rougeL"] for line in f if '"eval/rougeL"' in line]
+            return f"best valid Rouge-L {max(scores):.2f}" if scores else ""
+        if job.kind == "eval":
+            out = job.argv[job.argv.index("--output") + 1]
+            with open(os.path.join(out, "results.json")) as f:
+                res = json.load(f)
+            return f"test Rouge-L {res['rougeL_mean']:.2f} ± {res['rougeL_std']:.2f}"
+    except (OSError, ValueError, KeyError):
+        pass
+    return ""
+
+
+def run_jobs(jobs: List[Job], *, n_parallel: int, threads: int, log_dir: Path, timings: Dict[str, dict],
+             say=print) -> None:
+    """Run ``jobs`` (subprocesses) respecting their dependencies, ``n_parallel`` at a time, longest first. On a
+    terminal a tqdm bar shows the jobs done (fractions from each running run's metrics) and which are running;
+    otherwise a status line is printed every 30 s. Each finished job prints a line."""
+    from tqdm import tqdm
+
+    by_name = {j.name: j for j in jobs}
+    pending = [j for j in jobs if not j.cached]
+    done = {j.name for j in jobs if j.cached}
+    running: List[Job] = []
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(pending), desc="demo", unit="job", dynamic_ncols=True, file=sys.stderr, disable=not tty,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} jobs [{elapsed}<{remaining}] {postfix}")
+    write = bar.write if tty else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    finished, n_total, t0 = 0, len(pending), time.perf_counter()
+    last_status = t0
+
+    def status() -> str:
+        return ", ".join(f"{j.name} {100 * j.progress():.0f}%" if j.kind == "train" else j.name for j in running)
+
+    try:
+        while pending or running:
+            ready = sorted((j for j in pending if all(d in done for d in j.deps)), key=lambda j: -j.cost)
+            while ready and len(running) < n_parallel and not any(j.exclusive for j in running):
+                if ready[0].exclusive and running:
+                    break                           # let the running jobs finish, then run it alone
+                job = ready.pop(0)
+                pending.remove(job)
+                job.log = str(log_dir / f"{job.name}.log")
+                job.start = time.perf_counter()
+                env = _child_env(threads * n_parallel if job.exclusive else threads)
+                with open(job.log, "w") as log:
+                    job.proc = subprocess.Popen([sys.executable, "-m", "minillm_fast", *job.argv], stdout=log,
+                                                stderr=subprocess.STDOUT, env=env)
+                running.append(job)
+            if not running:
+                missing = sorted({d for j in pending for d in j.deps} - done - set(by_name))
+                raise DemoError(f"jobs {[j.name for j in pending]} wait on jobs that do not exist: {missing}")
+            time.sleep(0.5)
+            for job in list(running):
+                rc = job.proc.poll()
+                if rc is None:
+                    continue
+                job.end = time.perf_counter()
+                running.remove(job)
+                if rc != 0:
+                    tail = Path(job.log).read_text(errors="replace").splitlines()[-25:]
+                    raise DemoError(f"job {job.name!r} failed (exit {rc}); last lines of {job.log}:\n" +
+                                    "\n".join(tail))
+                if job.after is not None:
+                    job.after()
+                done.add(job.name)
+                finished += 1
+                timings[job.name] = {"seconds": job.end - job.start, "kind": job.kind, "cached": False}
+                write(f"  done {job.name:28s} {job.end - job.start:6.1f} s  {_summary(job)}")
+            if tty:
+                bar.n = finished + sum(j.progress() for j in running)
+                bar.set_postfix_str(status(), refresh=False)
+                bar.refresh()
+            elif time.perf_counter() - last_status >= 30 and running:
+                last_status = time.perf_counter()
+                write(f"  [{last_status - t0:5.0f} s] {finished}/{n_total} jobs done; running: "
+                      f"{status()}")
+    except BaseException:
+        for job in running:
+            if job.proc is not None and job.proc.poll() is None:
+                job.proc.terminate()
+                try:
+                    job.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    job.proc.kill()
+        raise
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------------------------------------
+class Cache:
+    """``cache.json``: for each cached artefact, the settings that made it; reused only when they match."""
+
+    def __init__(self, path: Path, fresh: bool):
+        self.path = path
+        self.entries = {}
+        if path.exists() and not fresh:
+            try:
+                self.entries = json.loads(path.read_text())
+            except ValueError:
+                self.entries = {}
+
+    def valid(self, name: str, key: dict, *paths: Path) -> bool:
+        return self.entries.get(name) == _jsonable(key) and all(Path(p).exists() for p in paths)
+
+    def store(self, name: str, key: dict) -> None:
+        self.entries[name] = _jsonable(key)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def drop(self, name: str) -> None:
+        if self.entries.pop(name, None) is not None:
+            self.store_all()
+
+    def store_all(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x, sort_keys=True, default=str))
+
+
+def write_reference_split(src: Path, dst: Path) -> Path:
+    """``src`` (tasks' layout) rewritten with ``response`` = every reference phrasing, the stored response first: the
+    trainer's validation loss uses the first, Rouge-L and exact match the max over all."""
+    lines = []
+    for line in src.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        ex = json.loads(line)
+        refs = [ex["response"]] + [r for r in ex.get("references", []) if r != ex["response"]]
+        lines.append(json.dumps({"instruction": ex["instruction"], "context": ex.get("context", ""),
+                                 "response": refs, "task": ex.get("task")}, ensure_ascii=False))
+    tmp = dst.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, dst)
+    return dst
+
+
+def _write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+    return path
+
+
+def export_min_loss_checkpoint(run_dir: Path, init_dir: Path, out_dir: Path) -> dict:
+    """Save (``save_pretrained``) the checkpoint of ``run_dir`` with the lowest validation loss in ``metrics.jsonl``:
+    the MiniLLM initialisation (the paper selects it by validation loss; the baselines by Rouge-L). Checkpoints are
+    written at every evaluation (``save_interval = eval_interval``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..distill import checkpoint as ckpt
+
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"eval/loss"' in line]
+    if not evals:
+        raise DemoError(f"{run_dir}/metrics.jsonl has no validation loss to select the MiniLLM initialisation by")
+    best = min(evals, key=lambda r: r["eval/loss"])
+    path = ckpt.path_for(str(run_dir / "checkpoints"), best["step"])
+    if not os.path.exists(path):
+        raise DemoError(f"no checkpoint {path} for step {best['step']} (the step of lowest validation loss); keep "
+                        f"save_interval = eval_interval and enough keep_checkpoints")
+    model = AutoModelForCausalLM.from_pretrained(str(init_dir), local_files_only=True)
+    model.load_state_dict(ckpt.load(path)["model"])
+    model.save_pretrained(str(out_dir))
+    AutoTokenizer.from_pretrained(str(init_dir), local_files_only=True).save_pretrained(str(out_dir))
+    return {"step": best["step"], "eval/loss": best["eval/loss"], "eval/rougeL": best.get("eval/rougeL")}
+
+
+def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False, family: str = "llama",
+             jobs: Optional[int] = None, threads: int = 1, seed: int = 0, say=print) -> dict:
+    """Run the demo into ``out``; returns ``{"report": path, "rows": [...], "timings": {...}}``."""
+    from . import report as R
+
+    t_start = time.perf_counter()
+    sched = QUICK if quick else FULL
+    out_dir = Path(out).resolve()
+    if fresh:
+        for sub in ("data", "tokenizer", "init", "models", "runs", "eval", "configs", "logs", "cache.json"):
+            p = out_dir / sub
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = Cache(out_dir / "cache.json", fresh)
+    n_parallel = jobs or max(1, min(2, os.cpu_count() or 1))
+    timings: Dict[str, dict] = {}
+    say(f"minillm-fast demo ({sched.name}): output in {out_dir}, {n_parallel} job(s) at a time, {threads} thread(s) "
+        f"each")
+
+    def timed(name: str, fn, cached: bool):
+        t0 = time.perf_counter()
+        if not cached:
+            fn()
+        timings[name] = {"seconds": 0.0 if cached else time.perf_counter() - t0, "kind": "setup", "cached": cached}
+        say(f"  {'cached' if cached else 'done'} {name:24s} {timings[name]['seconds']:7.1f} s")
+
+    # 1. data ----------------------------------------------------------------------------------------------------------
+    from . import tasks
+
+    data = out_dir / "data"
+    data_key = {"v": CACHE_VERSION, "seed": seed, "sizes": sched.sizes, "pretrain_lines": sched.pretrain_lines}
+    paths = {s: data / f"{s}.jsonl" for s in ("train", "valid", "test")}
+    refs = {s: data / f"{s}_refs.jsonl" for s in ("valid", "test")}
+    pt_path = data / "pretrain.txt"
+    data_cached = cache.valid("data", data_key, *paths.values(), *refs.values(), pt_path)
+
+    def make_data():
+        tasks.write_splits(data, seed=seed, sizes=sched.sizes)
+        tasks.write_pretrain_corpus(pt_path, seed=seed, n_lines=sched.pretrain_lines)
+        for s in ("valid", "test"):
+            write_reference_split(paths[s], refs[s])
+        cache.store("data", data_key)
+
+    timed("data", make_data, data_cached)
+
+    # 2. tokenizer -----------------------------------------------------------------------------------------------------
+    from .tokenizer import build_tokenizer, demo_tokenizer_texts, load_tokenizer
+
+    tok_dir = out_dir / "tokenizer"
+    tok_key = {"data": data_key}
+    tok_cached = data_cached and cache.valid("tokenizer", tok_key, tok_dir / "tokenizer.json")
+
+    def make_tokenizer():
+        build_tokenizer(demo_tokenizer_texts(data), tok_dir)
+        cache.store("tokenizer", tok_key)
+
+    timed("tokenizer", make_tokenizer, tok_cached)
+    tok = load_tokenizer(tok_dir)
+
+    # 3. initial models ------------------------------------------------------------------------------------------------
+    from .configs import build_model, num_parameters, special_token_ids, student_config, teacher_config
+
+    ids = special_token_ids(tok)
+    t_cfg = teacher_config(len(tok), family, quick=sched.quick_models, **ids)
+    s_cfg = student_config(len(tok), family, quick=sched.quick_models, **ids)
+    params = {"teacher": num_parameters(t_cfg), "student": num_parameters(s_cfg)}
+    init = {"teacher": out_dir / "init" / "teacher", "student": out_dir / "init" / "student"}
+    init_key = {"tokenizer": tok_key, "family": family, "quick": sched.quick_models, "seed": seed}
+    init_cached = tok_cached and cache.valid("init", init_key, *(p / "config.json" for p in init.values()))
+
+    def make_init():
+        _quiet_transformers()
+        for what, cfg, s in (("teacher", t_cfg, seed), ("student", s_cfg, seed + 1)):
+            model = build_model(cfg, seed=s)
+            model.save_pretrained(str(init[what]))
+            tok.save_pretrained(str(init[what]))
+        cache.store("init", init_key)
+
+    timed("init", make_init, init_cached)
+    say(f"  teacher {params['teacher'] / 1e6:.2f}M parameters, student {params['student'] / 1e6:.2f}M "
+        f"({params['teacher'] / params['student']:.1f}x smaller), {family}, vocabulary {len(tok)}")
+
+    # the fused ops' C++ extension compiles on first use (about a minute, once per machine): do it here, once,
+    # rather than inside the first jobs that need it
+    def warm_native():
+        try:
+            import torch
+
+            from .. import backends
+
+            if not torch.cuda.is_available() and hasattr(backends, "native_available"):
+                backends.native_available(torch.device("cpu"))
+        except Exception as e:  # noqa: BLE001 - the jobs fall back to the torch backend and say why
+            say(f"  (native extension not available: {e})")
+
+    timed("native extension", warm_native, False)
+
+    # 4-6. jobs --------------------------------------------------------------------------------------------------------
+    cfg_dir, runs, evals = out_dir / "configs", out_dir / "runs", out_dir / "eval"
+    common = dict(sched.common, tokenizer=str(tok_dir), train_data=str(paths["train"]),
+                  valid_data=str(refs["valid"]), seed=10)
+
+    def distill_job(name, values, deps, cost, after=None, cached=False, exclusive=False):
+        values = dict(common, **values, output_dir=str(runs / name))
+        path = _write_yaml(cfg_dir / f"{name}.yaml", values)
+        return Job(name, "train", ["distill", "--config", str(path)], deps=deps, cost=cost,
+                   total_steps=int(values["total_iters"]), run_dir=str(runs / name), after=after, cached=cached,
+                   exclusive=exclusive)
+
+    def eval_job(name, model_dir, deps, cost, after=None, cached=False):
+        argv = ["evaluate", "--model", str(model_dir), "--data", str(refs["test"]), "--output", str(evals / name),
+                "--seeds", *map(str, sched.seeds), "--max-length", str(common["max_length"]),
+                "--max-prompt-length", str(common["max_prompt_length"]),
+                "--max-new-tokens", str(common["max_new_tokens"]), "--batch-size", str(sched.eval_batch_size)]
+        return Job(name=f"eval_{name}", kind="eval", argv=argv, deps=deps, cost=cost, after=after, cached=cached)
+
+    teacher_dir = runs / "teacher" / "best"
+    teacher_key = {"init": init_key, "common": common, "teacher": sched.teacher}
+    teacher_cached = init_cached and cache.valid("teacher", teacher_key, teacher_dir / "config.json")
+    eval_key = {"teacher": teacher_key, "test": str(refs["test"]), "seeds": list(sched.seeds),
+                "batch": sched.eval_batch_size}
+    teacher_eval_cached = teacher_cached and cache.valid("eval_teacher", eval_key,
+                                                         evals / "teacher" / "results.json")
+    seqkd_cache = out_dir / "models" / "seqkd_train.jsonl"
+    seqkd_key = {"teacher": teacher_key, "seqkd": sched.seqkd}
+    seqkd_cached = teacher_cached and cache.valid("seqkd_data", seqkd_key, seqkd_cache)
+    if not teacher_cached:
+        cache.drop("teacher")
+    if not teacher_eval_cached:
+        cache.drop("eval_teacher")
+    if not seqkd_cached:
+        cache.drop("seqkd_data")
+
+    sft_init = out_dir / "models" / "sft_min_valid_loss"
+    selection = {}
+
+    def after_sft():
+        selection.update(export_min_loss_checkpoint(runs / "sft", init["student"], sft_init))
+
+    def after_seqkd():
+        src = runs / "seqkd" / "seqkd_train.jsonl"
+        if src.exists() and not seqkd_cached:
+            seqkd_cache.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, seqkd_cache)
+            cache.store("seqkd_data", seqkd_key)
+
+    student = str(init["student"])
+    teacher = str(teacher_dir)
+    n_sft_evals = -(-int(sched.sft["total_iters"]) // int(sched.sft["eval_interval"]))
+    job_list = [
+        distill_job("teacher", dict(sched.teacher, method="sft", student=str(init["teacher"])), [], 100.0,
+                    after=lambda: cache.store("teacher", teacher_key), cached=teacher_cached, exclusive=True),
+        distill_job("sft", dict(sched.sft, method="sft", student=student, save_interval=sched.sft["eval_interval"],
+                                keep_checkpoints=n_sft_evals + 1), [], 20.0, after=after_sft),
+        distill_job("kd", dict(sched.kd, method="kd", student=student, teacher=teacher), ["teacher"], 40.0),
+        distill_job("seqkd", dict(sched.seqkd, method="seqkd", student=student, teacher=teacher,
+                                  **({"seqkd_data": str(seqkd_cache)} if seqkd_cached else {})),
+                    ["teacher"], 45.0, after=after_seqkd),
+    ]
+    for name, overrides in MINILLM_ABLATIONS.items():
+        job_list.append(distill_job(name, dict(sched.minillm, method="minillm", student=str(sft_init),
+                                               teacher=teacher, pt_data=str(pt_path), **overrides),
+                                    ["teacher", "sft"], 50.0))
+    job_list.append(eval_job("teacher", teacher_dir, ["teacher"], 15.0, cached=teacher_eval_cached,
+                             after=lambda: cache.store("eval_teacher", eval_key)))
+    for name, _ in METHODS[1:]:
+        job_list.append(eval_job(name, runs / name / "best", [name], 5.0))
+    if teacher_cached:
+        timings["teacher"] = {"seconds": 0.0, "kind": "train", "cached": True}
+        say(f"  cached {'teacher':24s} {0.0:7.1f} s")
+    if teacher_eval_cached:
+        timings["eval_teacher"] = {"seconds": 0.0, "kind": "eval", "cached": True}
+
+    say(f"training and evaluation: {sum(not j.cached for j in job_list)} jobs (configs in {cfg_dir}, logs in "
+        f"{out_dir / 'logs'})")
+    t_jobs = time.perf_counter()
+    run_jobs(job_list, n_parallel=n_parallel, threads=threads, log_dir=out_dir / "logs", timings=timings)
+    timings["jobs (wall)"] = {"seconds": time.perf_counter() - t_jobs, "kind": "wall", "cached": False}
+
+    # 7. report --------------------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    rows = R.collect_rows(out_dir, METHODS, params)
+    timings["total (wall)"] = {"seconds": time.perf_counter() - t_start, "kind": "wall", "cached": False}
+    info = {"schedule": dataclasses.asdict(sched), "family": family, "params": params, "n_parallel": n_parallel,
+            "threads": threads, "sft_selection": selection, "seed": seed}
+    path = R.write_report(out_dir, rows, timings, info, minillm_runs={n: runs / n for n in MINILLM_ABLATIONS})
+    timings["report"] = {"seconds": time.perf_counter() - t0, "kind": "setup", "cached": False}
+    (out_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    return {"report": str(path), "rows": rows, "timings": timings, "table": R.markdown_table(rows)}
+
+
+def _quiet_transformers() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------------
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="minillm-fast demo", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The built-in default job: generate an instruction data set and a tokenizer, train a small "
+                    "teacher, distil students with SFT, KD, SeqKD and MiniLLM (and MiniLLM's three ablations), "
+                    "evaluate everything over 5 seeds and write a report. No download; minutes on a CPU.",
+        epilog="Outputs: OUT/report.md (table, plots, timings), OUT/runs/<method>/ (distill run directories), "
+               "OUT/eval/<method>/results.{json,md}, OUT/configs/*.yaml, OUT/logs/*.log.")
+    parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller data, the quick model configs, short schedules: a ~1.5-minute smoke run")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rebuild the cached data, tokenizer and teacher instead of reusing them")
+    parser.add_argument("--family", default="llama", choices=("gpt2", "llama"),
+                        help="model family (default llama: it learned faster than gpt2 at these sizes)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="training / evaluation jobs run side by side (default: CPU cores, at most 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="data and initialisation seed (default 0)")
+    parser.add_argument("--loss-only", action="store_true",
+                        help="instead: the seconds-long example of the fused reverse KL alone (minillm_fast.example)")
+    parser.add_argument("--steps", type=int, default=200, help="--loss-only: optimiser steps (default 200)")
+    args = parser.parse_args(argv)
+    if args.loss_only:
+        from ..example import run_example
+
+        run_example(steps=args.steps, seed=args.seed)
+        return 0
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs={args.jobs} must be >= 1")
+    if args.threads < 1:
+        parser.error(f"--threads={args.threads} must be >= 1")
+    _quiet_transformers()
+    try:
+        result = run_demo(args.out, quick=args.quick, fresh=args.fresh, family=args.family, jobs=args.jobs,
+                          threads=args.threads, seed=args.seed)
+    except DemoError as e:
+        print(f"minillm-fast demo: error: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(result["table"])
+    total = result["timings"]["total (wall)"]["seconds"]
+    print(f"\nreport: {result['report']} (total {total:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

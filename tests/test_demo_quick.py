@@ -1,0 +1,118 @@
+"""The built-in demo end to end: ``minillm-fast demo --quick`` in a subprocess, as a user runs it.
+
+One run (about a minute and a half on two cores) writes the whole pipeline's outputs; the tests read them: the
+report's table has a row per method with numeric test Rouge-L, the plots exist, every distill run wrote its
+config and metrics, the MiniLLM ablations really ran with their switch flipped, and the valid/test files carry every
+reference phrasing. A second, cached run is not started here (it retrains the students: another minute).
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROWS = ("teacher", "sft", "kd", "seqkd", "minillm", "minillm_no_length_norm", "minillm_no_teacher_mix",
+        "minillm_no_single_step")
+NUMBER_PM = re.compile(r"^(\d+\.\d+) ± (\d+\.\d+)$")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_quick") / "run"
+    proc = subprocess.run([sys.executable, "-m", "minillm_fast", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return out, proc.stdout
+
+
+def _table(markdown: str) -> dict:
+    """``{model: {column: cell}}`` of the first markdown table whose header starts with ``| model |``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_report_table_has_a_row_per_method_with_numbers(demo_run):
+    out, _ = demo_run
+    rows = _table((out / "report.md").read_text())
+    assert list(rows) == list(ROWS)
+    for name, row in rows.items():
+        m = NUMBER_PM.match(row["test Rouge-L"])
+        assert m, f"{name}: test Rouge-L cell {row['test Rouge-L']!r} is not 'mean ± std'"
+        assert 0.0 <= float(m.group(1)) <= 100.0
+        assert NUMBER_PM.match(row["test exact match"]), row
+
+
+def test_terminal_ends_with_the_table(demo_run):
+    _, stdout = demo_run
+    rows = _table(stdout)
+    assert list(rows) == list(ROWS)
+    assert "report:" in stdout.splitlines()[-1]
+
+
+def test_plots_exist(demo_run):
+    out, _ = demo_run
+    for name in ("rougeL.png", "rev_kl.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
+    report = (out / "report.md").read_text()
+    assert "](rougeL.png)" in report and "](rev_kl.png)" in report
+
+
+def test_results_are_over_five_seeds_on_the_test_split(demo_run):
+    out, _ = demo_run
+    for name in ROWS:
+        res = json.loads((out / "eval" / name / "results.json").read_text())
+        assert res["seeds"] == [10, 20, 30, 40, 50], name
+        assert res["n_examples"] == sum(1 for line in (out / "data" / "test_refs.jsonl").open() if line.strip())
+
+
+def test_runs_use_the_distill_configs_and_ablation_switches(demo_run):
+    out, _ = demo_run
+    expected = {"minillm": {}, "minillm_no_length_norm": {"length_norm": False},
+                "minillm_no_teacher_mix": {"alpha": 0.0}, "minillm_no_single_step": {"single_step": False}}
+    resolved = {}
+    for name in ROWS:
+        cfg = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())   # written by the trainer
+        assert (out / "runs" / name / "metrics.jsonl").stat().st_size > 0
+        assert (out / "runs" / name / "best" / "config.json").exists()
+        resolved[name] = cfg
+    assert resolved["teacher"]["method"] == "sft" and resolved["sft"]["method"] == "sft"
+    assert resolved["kd"]["method"] == "kd" and resolved["seqkd"]["method"] == "seqkd"
+    base = resolved["minillm"]
+    assert base["method"] == "minillm" and base["length_norm"] and base["single_step"] and base["alpha"] == 0.2
+    for name, flips in expected.items():
+        diff = {k: v for k, v in resolved[name].items() if base[k] != v and k != "output_dir"}
+        assert diff == flips, name
+    # MiniLLM starts from the SFT checkpoint of lowest validation loss, not from SFT's best-Rouge-L checkpoint
+    assert base["student"].endswith("sft_min_valid_loss")
+
+
+def test_eval_splits_carry_every_reference(demo_run):
+    out, _ = demo_run
+    for split in ("valid", "test"):
+        src = [json.loads(line) for line in (out / "data" / f"{split}.jsonl").open()]
+        refs = [json.loads(line) for line in (out / "data" / f"{split}_refs.jsonl").open()]
+        assert len(src) == len(refs)
+        for a, b in zip(src, refs):
+            assert b["response"][0] == a["response"]
+            assert sorted(b["response"]) == sorted(set(a["references"]) | {a["response"]})
+
+
+def test_timings_are_recorded(demo_run):
+    out, _ = demo_run
+    timings = json.loads((out / "timings.json").read_text())
+    for stage in ("data", "tokenizer", "init", "teacher", "sft", "minillm", "eval_teacher", "total (wall)"):
+        assert stage in timings and timings[stage]["seconds"] >= 0.0, stage
+    assert "## Timing" in (out / "report.md").read_text()

@@ -12,6 +12,9 @@ distils them exactly as it would real checkpoints loaded from local paths (``Aut
   ``save_pretrained``.
 * ``configs``: ``teacher_config`` / ``student_config`` (GPT-2 and LLaMA families, ~5M-parameter teacher,
   ~1M and ~0.5M students, ``quick`` variants for a smoke run) and ``build_model``.
+* ``pipeline``: ``minillm-fast demo`` (``run_demo``): the pieces above, then a teacher trained by SFT and students
+  distilled with SFT, KD, SeqKD, MiniLLM and MiniLLM's three ablations through ``minillm-fast distill``, all evaluated
+  over 5 seeds on the test split (``minillm-fast evaluate``); ``report`` writes the table, plots and timings.
 
 Example (no network; about ten seconds)::
 
@@ -24,7 +27,8 @@ Example (no network; about ten seconds)::
     student = build_model(student_config(len(tok), "gpt2", **special_token_ids(tok)), seed=1)
     teacher.save_pretrained("demo/teacher-init"); tok.save_pretrained("demo/teacher-init")
 
-The data alone, from the shell: ``python -m minillm_fast.demo.tasks OUT_DIR [--seed 0] [--train 4000 ...]``.
+The whole demo, from the shell: ``minillm-fast demo [--quick] [--out runs/demo] [--fresh]``. The data alone:
+``python -m minillm_fast.demo.tasks OUT_DIR [--seed 0] [--train 4000 ...]``.
 
 ``tasks`` needs only the standard library; ``tokenizer`` and ``configs`` import ``tokenizers``, ``transformers``
 and ``torch`` when called (the ``train`` extra). The names below are imported from their module on first use.
@@ -32,6 +36,7 @@ and ``torch`` when called (the ``train`` extra). The names below are imported fr
 import importlib
 
 _EXPORTS = {
+    "pipeline": ["run_demo"],
     "configs": ["FAMILIES", "MAX_POSITIONS", "SHAPES", "build_model", "num_parameters", "special_token_ids",
                 "student_config", "teacher_config"],
     "tasks": ["DEFAULT_SIZES", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "TASK_FAMILIES", "format_prompt",

@@ -10,7 +10,9 @@ data       ``tasks.write_splits`` (train/valid/test) and ``tasks.write_pretrain_
            written as ``{split}_refs.jsonl`` whose ``response`` is the list of every reference phrasing (the stored
            one first), so validation and test Rouge-L take the max over references
 tokenizer  ``tokenizer.build_tokenizer`` on the rendered examples and the corpus, saved with ``save_pretrained``
-init       the teacher and the student built from ``configs`` (``build_model``), saved with the tokenizer
+init       the teacher and the student built from ``configs`` (``build_model``; the ``quick`` shapes, 0.8M and
+           0.2M parameters, for both schedules: the default 5M teacher does not become good on a CPU in the
+           budget), saved with the tokenizer
 teacher    SFT of the teacher (``minillm-fast distill``; best checkpoint by validation Rouge-L)
 students   SFT, KD and SeqKD of the student (best by validation Rouge-L, as the reference selects baselines); MiniLLM
            initialised from the SFT checkpoint of lowest validation loss (paper, appendix B.1), and its three
@@ -23,16 +25,19 @@ report     ``report.md`` (the table, what it shows and does not, timings, notes)
 Every training and evaluation job is the command a user runs, ``python -m minillm_fast distill --config X.yaml`` or
 ``python -m minillm_fast evaluate ...``, started as a subprocess with its log in ``logs/`` and its YAML config in
 ``configs/`` (so any stage can be re-run by hand). ``--jobs`` of them run side by side (default: one per core, at
-most 2) with ``--threads`` each (default 1), in dependency order, longest first; the teacher, which every job but
-SFT waits for, runs alone with all the threads (on 2 free cores, 2 threads made its steps 1.7x faster; two
-processes with 2 threads each on 2 cores were 1.5-3x slower than with one, OpenMP spin-waiting).
+most 2) with ``--threads`` each (default 1), in dependency order, longest first; the teacher, which every other
+job waits for (SFT too: the teacher scores its validation samples), runs alone with all the threads (on 2 free
+cores, 2 threads made its steps 1.7x faster; two processes with 2 threads each on 2 cores were 1.5-3x slower than
+with one, OpenMP spin-waiting). The full demo took 13 minutes (781 s, ``--fresh``) on the 2-core development
+machine (AMD EPYC); a second run reuses the cached teacher (about 4 minutes of it). The C++ extension of the fused
+ops compiles once per machine first (about a minute).
 
 Caching: the data, the tokenizer, the initial models, the teacher (with its SeqKD responses and its test evaluation)
 are reused by the next run when the settings that made them are unchanged (``cache.json`` records them); ``--fresh``
 rebuilds everything. The students are trained again on every run.
 
-``--quick`` runs the same pipeline on a smaller data set with short schedules: a smoke test of the plumbing (about a
-minute and a half on two cores), whose numbers mean nothing.
+``--quick`` runs the same pipeline on a smaller data set with short schedules: a smoke test of the plumbing (about 80
+seconds on two cores), whose numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -78,8 +83,7 @@ class Schedule:
     quick_models: bool                      # configs.teacher_config / student_config(quick=...)
     sizes: Dict[str, int]                   # examples per split
     pretrain_lines: int
-    # lengths: the demo's longest prompt is 140 tokens, its longest response 56 (+ EOS)
-    common: Dict[str, object] = field(default_factory=dict)
+    common: Dict[str, object] = field(default_factory=dict)    # keys of every distill run
     teacher: Dict[str, object] = field(default_factory=dict)
     sft: Dict[str, object] = field(default_factory=dict)
     kd: Dict[str, object] = field(default_factory=dict)
@@ -89,6 +93,7 @@ class Schedule:
     seeds: Sequence[int] = (10, 20, 30, 40, 50)
 
 
+# the demo's longest prompt is 140 tokens, its longest response 56 (with EOS); no prompt is dropped
 _COMMON = dict(max_length=200, max_prompt_length=144, max_new_tokens=56, device="auto", progress_bar=False,
                plots=False, final_eval=False, overwrite=True, eval_batch_size=100)
 
@@ -102,8 +107,8 @@ FULL = Schedule(
     sft=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
     kd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
     seqkd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100, rollout_batch_size=100),
-    minillm=dict(batch_size=16, num_rollouts=64, rollout_batch_size=64, ppo_epochs=2, total_iters=160, lr=1e-3,
-                 warmup_steps=8, eval_interval=32, pt_batch_size=8, lm_coef=0.1),
+    minillm=dict(batch_size=16, num_rollouts=64, rollout_batch_size=64, ppo_epochs=2, total_iters=160, lr=5e-4,
+                 warmup_steps=8, eval_interval=32, pt_batch_size=8),
 )
 
 QUICK = Schedule(
@@ -117,8 +122,8 @@ QUICK = Schedule(
     kd=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15),
     seqkd=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15, max_train_samples=48,
                rollout_batch_size=48),
-    minillm=dict(batch_size=8, num_rollouts=8, rollout_batch_size=8, ppo_epochs=1, total_iters=2, lr=1e-3,
-                 warmup_steps=1, eval_interval=1, pt_batch_size=4, lm_coef=0.1),
+    minillm=dict(batch_size=8, num_rollouts=8, rollout_batch_size=8, ppo_epochs=1, total_iters=2, lr=5e-4,
+                 warmup_steps=1, eval_interval=1, pt_batch_size=4),
     eval_batch_size=20,
 )
 
@@ -128,7 +133,7 @@ QUICK = Schedule(
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
 class Job:
-    """One subprocess: a ``distill`` run (``config`` set) or an ``evaluate`` run (``argv`` set)."""
+    """One subprocess, ``python -m minillm_fast <argv>``: a ``distill`` run (kind "train") or an ``evaluate`` run."""
 
     name: str
     kind: str                                  # "train" | "eval"
@@ -206,7 +211,7 @@ def run_jobs(jobs: List[Job], *, n_parallel: int, threads: int, log_dir: Path, t
     log_dir.mkdir(parents=True, exist_ok=True)
     tty = sys.stderr.isatty()
     bar = tqdm(total=len(pending), desc="demo", unit="job", dynamic_ncols=True, file=sys.stderr, disable=not tty,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} jobs [{elapsed}<{remaining}] {postfix}")
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} jobs [{elapsed}<{remaining}]{postfix}")
     write = bar.write if tty else (lambda msg: print(msg, file=sys.stderr, flush=True))
     finished, n_total, t0 = 0, len(pending), time.perf_counter()
     last_status = t0
@@ -290,15 +295,13 @@ class Cache:
 
     def store(self, name: str, key: dict) -> None:
         self.entries[name] = _jsonable(key)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        self._write()
 
     def drop(self, name: str) -> None:
         if self.entries.pop(name, None) is not None:
-            self.store_all()
+            self._write()
 
-    def store_all(self) -> None:
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.entries, indent=2, sort_keys=True))
         os.replace(tmp, self.path)
@@ -355,7 +358,8 @@ def export_min_loss_checkpoint(run_dir: Path, init_dir: Path, out_dir: Path) -> 
     model.load_state_dict(ckpt.load(path)["model"])
     model.save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(init_dir), local_files_only=True).save_pretrained(str(out_dir))
-    return {"step": best["step"], "eval/loss": best["eval/loss"], "eval/rougeL": best.get("eval/rougeL")}
+    return {"step": best["step"], "eval/loss": best["eval/loss"], "eval/rougeL": best.get("eval/rougeL"),
+            "eval/rev_kl": best.get("eval/rev_kl")}
 
 
 def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False, family: str = "llama",
@@ -513,8 +517,10 @@ def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False
     job_list = [
         distill_job("teacher", dict(sched.teacher, method="sft", student=str(init["teacher"])), [], 100.0,
                     after=lambda: cache.store("teacher", teacher_key), cached=teacher_cached, exclusive=True),
-        distill_job("sft", dict(sched.sft, method="sft", student=student, save_interval=sched.sft["eval_interval"],
-                                keep_checkpoints=n_sft_evals + 1), [], 20.0, after=after_sft),
+        # the teacher only scores SFT's validation samples (reverse KL), it plays no part in SFT's training
+        distill_job("sft", dict(sched.sft, method="sft", student=student, teacher=teacher,
+                                save_interval=sched.sft["eval_interval"], keep_checkpoints=n_sft_evals + 1),
+                    ["teacher"], 20.0, after=after_sft),
         distill_job("kd", dict(sched.kd, method="kd", student=student, teacher=teacher), ["teacher"], 40.0),
         distill_job("seqkd", dict(sched.seqkd, method="seqkd", student=student, teacher=teacher,
                                   **({"seqkd_data": str(seqkd_cache)} if seqkd_cached else {})),
@@ -546,7 +552,8 @@ def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False
     timings["total (wall)"] = {"seconds": time.perf_counter() - t_start, "kind": "wall", "cached": False}
     info = {"schedule": dataclasses.asdict(sched), "family": family, "params": params, "n_parallel": n_parallel,
             "threads": threads, "sft_selection": selection, "seed": seed}
-    path = R.write_report(out_dir, rows, timings, info, minillm_runs={n: runs / n for n in MINILLM_ABLATIONS})
+    path = R.write_report(out_dir, rows, timings, info, minillm_runs={n: runs / n for n in MINILLM_ABLATIONS},
+                          init_point=selection)
     timings["report"] = {"seconds": time.perf_counter() - t0, "kind": "setup", "cached": False}
     (out_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     return {"report": str(path), "rows": rows, "timings": timings, "table": R.markdown_table(rows)}
@@ -575,7 +582,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "OUT/eval/<method>/results.{json,md}, OUT/configs/*.yaml, OUT/logs/*.log.")
     parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller data, the quick model configs, short schedules: a ~1.5-minute smoke run")
+                        help="smaller data and short schedules: an ~80-second smoke run whose numbers mean nothing")
     parser.add_argument("--fresh", action="store_true",
                         help="rebuild the cached data, tokenizer and teacher instead of reusing them")
     parser.add_argument("--family", default="llama", choices=("gpt2", "llama"),

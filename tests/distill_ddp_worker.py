@@ -2,8 +2,9 @@
 
     python tests/distill_ddp_worker.py OUT.pt key=value ...                    # one process
     torchrun --nproc_per_node 2 tests/distill_ddp_worker.py OUT.pt key=value   # DDP (gloo on CPU)
+    torchrun ... tests/distill_ddp_worker.py OUT.pt parallel=fsdp key=value    # FSDP: gradients gathered whole
 
-Used by tests/test_distill_train.py::test_ddp_first_step_gradients_match_one_process.
+Used by tests/test_distill_train.py (DDP and FSDP against one process).
 """
 import os
 import sys
@@ -12,7 +13,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from minillm_fast.distill import dist  # noqa: E402
+from minillm_fast.distill import dist, fsdp  # noqa: E402
 from minillm_fast.distill.config import DistillConfig, parse_overrides  # noqa: E402
 from minillm_fast.distill.trainer import Trainer  # noqa: E402
 
@@ -22,8 +23,12 @@ def main() -> None:
     cfg = DistillConfig.from_dict(parse_overrides(overrides))
 
     def save_grads(trainer):
+        if trainer.step > 0:
+            return
+        # under FSDP p.grad is this rank's shard (a DTensor): every rank joins the gather
+        grads = {n: fsdp.full_tensor(p.grad.detach()).clone() for n, p in trainer.student.named_parameters()}
         if trainer.main:
-            torch.save({n: p.grad.detach().clone() for n, p in trainer.student.named_parameters()}, out)
+            torch.save(grads, out)
 
     env = dist.init("cpu")
     trainer = Trainer(cfg, env=env, hooks={"after_backward": save_grads})

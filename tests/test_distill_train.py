@@ -1,5 +1,5 @@
-"""The loop: every method learns, a resumed run reproduces an uninterrupted one, checkpoints are atomic, DDP on two
-gloo processes gives the one-process gradients."""
+"""The loop: every method learns, a resumed run reproduces an uninterrupted one, checkpoints are atomic, DDP and FSDP
+on two gloo processes give the one-process gradients and weights."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from distill_utils import config, read_metrics, without_timing
+from transformers import AutoModelForCausalLM
 
 from minillm_fast.distill import checkpoint as ckpt
 from minillm_fast.distill.trainer import Trainer
@@ -113,11 +114,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_first_step_gradients_match_one_process(tmp_path):
-    """torchrun, 2 gloo processes on CPU vs one process: the MiniLLM step's gradients (rollouts dealt to ranks by
-    chunk, whitening and token counts all-reduced, one process accumulating two micro-batches)."""
-    cfg = config(tmp_path, method="minillm", total_iters=1, num_rollouts=8, batch_size=8, rollout_batch_size=4,
-                 micro_batch_size=4, pt_batch_size=8, ppo_epochs=1)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, parallel):
+    """torchrun, 2 gloo processes on CPU vs one process, two MiniLLM steps: the first step's gradients (rollouts
+    dealt to ranks by chunk, whitening and token counts all-reduced, one process accumulating two micro-batches) and
+    the weights saved in final/ after the second. parallel=fsdp shards both models (gradients gathered whole for the
+    comparison, final/ written from the gathered state dict, a mid-run checkpoint gathered as well)."""
+    cfg = config(tmp_path, method="minillm", total_iters=2, num_rollouts=8, batch_size=8, rollout_batch_size=4,
+                 micro_batch_size=4, pt_batch_size=8, ppo_epochs=2, save_interval=1)
     overrides = [f"{k}={v}" for k, v in cfg.to_dict().items()
                  if k not in ("output_dir", "eval_seeds", "resume") and v is not None]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -127,8 +131,8 @@ def test_ddp_first_step_gradients_match_one_process(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_free_port()), worker, str(tmp_path / "two.pt"),
-                          *overrides, f"output_dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True,
-                         timeout=240)
+                          *overrides, f"parallel={parallel}", f"output_dir={tmp_path / 'two'}"], env=env,
+                         capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world size 2" in two.stdout
     g1, g2 = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
@@ -136,6 +140,28 @@ def test_ddp_first_step_gradients_match_one_process(tmp_path):
     for name in g1:
         torch.testing.assert_close(g2[name], g1[name], atol=1e-6, rtol=1e-5, msg=name)
     assert max(float(g.abs().max()) for g in g1.values()) > 1e-3       # a real gradient
+    w1 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "one" / "final")).state_dict()
+    w2 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two" / "final")).state_dict()
+    init = AutoModelForCausalLM.from_pretrained(cfg.student).state_dict()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert any(not torch.equal(w1[n], init[n]) for n in w1)          # two steps moved the weights
+    saved = torch.load(ckpt.latest(str(tmp_path / "two" / "checkpoints")), weights_only=False)
+    assert saved["parallel"] == parallel and saved["step"] == 2
+    for name, value in saved["model"].items():                       # whole tensors, not one rank's shards
+        assert value.shape == w2[name].shape, name
+    if parallel == "fsdp":   # resume the sharded run from its step-1 checkpoint: the same second step
+        step1 = ckpt.path_for(str(tmp_path / "two" / "checkpoints"), 1)
+        again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker,
+                                str(tmp_path / "again.pt"), *overrides, f"parallel={parallel}", f"resume={step1}",
+                                f"output_dir={tmp_path / 'again'}"], env=env, capture_output=True, text=True,
+                               timeout=240)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert [r["step"] for r in read_metrics(tmp_path / "again") if "train/loss" in r] == [2]
+        w3 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again" / "final")).state_dict()
+        for name in w2:
+            torch.testing.assert_close(w3[name], w2[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_bf16_keeps_fp32_master_weights(tmp_path):

@@ -42,13 +42,14 @@ def atomic_save(obj, path: str) -> None:
         raise
 
 
-def atomic_save_pretrained(model, tokenizer, path: str) -> None:
-    """``save_pretrained`` into a temporary sibling directory, then swapped in place of ``path``."""
+def atomic_save_pretrained(model, tokenizer, path: str, state_dict: Optional[dict] = None) -> None:
+    """``save_pretrained`` into a temporary sibling directory, then swapped in place of ``path``. ``state_dict``:
+    the weights to write instead of the model's own (the gathered full state of an FSDP-sharded model)."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         old = None

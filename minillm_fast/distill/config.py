@@ -25,6 +25,7 @@ ADVANTAGES = ("reference", "paper")
 SELECT_METRICS = ("rougeL", "loss", "none")
 SEQKD_OBJECTIVES = ("kd", "sft")
 BACKENDS = ("auto", "triton", "native", "torch")
+PARALLEL = ("ddp", "fsdp")
 
 # Per-method defaults of the keys left null (reference scripts: gpt2/minillm/train_*.sh for minillm,
 # gpt2/{sft,kd,seqkd}/*_base.sh for the baselines; the paper's appendix B.1).
@@ -57,6 +58,7 @@ class DistillConfig:
     teacher_dtype: Optional[str] = None     # default: dtype
     attn_implementation: str = "auto"       # auto (flash_attention_2 with flash_attn + CUDA, else sdpa) | ...
     backend: str = "auto"                   # backend of the fused ops (MINILLM_FAST_BACKEND also applies)
+    parallel: str = "ddp"                   # ddp | fsdp: how torchrun ranks share the models (fsdp: sharded)
     # --- data ----------------------------------------------------------------------------------------------------
     max_length: int = 512                   # prompt + response tokens
     max_prompt_length: int = 256            # longer prompts are dropped
@@ -187,6 +189,7 @@ class DistillConfig:
         _choice("device", self.device, DEVICES)
         _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("backend", self.backend, BACKENDS)
+        _choice("parallel", self.parallel, PARALLEL)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("advantage", self.advantage, ADVANTAGES)
         _choice("select_metric", self.select_metric, SELECT_METRICS)

@@ -33,7 +33,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as D
-from . import dist, losses, models, ppo, rollout
+from . import dist, fsdp, losses, models, ppo, rollout
 from .config import ConfigError, DistillConfig, dump_yaml
 
 _MIX = 1_000_003
@@ -111,13 +111,20 @@ class Trainer:
             self.teacher = models.load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=self.device,
                                              attn_implementation=cfg.attn_implementation, what="teacher")
             self.teacher.requires_grad_(False).eval()
+        # parallel=fsdp shards both models over the ranks (distill/fsdp.py); one process has nothing to shard
+        self.fsdp = cfg.parallel == "fsdp" and self.world > 1
+        if self.fsdp and self.teacher is not None:
+            fsdp.shard_teacher(self.teacher, self.device)
         self.vocab_size = models.check_vocab(self.tokenizer, self.student, self.teacher)
         if cfg.disable_dropout:
             models.disable_dropout(self.student)
         self.student.train()
         self.t_head = models.head_of(self.teacher, self.compute_dtype) if self.teacher is not None else None
         self.opts = losses.LossOptions(vocab_size=self.vocab_size, backend=cfg.backend)
-        self.module = dist.wrap_ddp(models.HiddenStates(self.student), self.env)
+        if self.fsdp:
+            self.module = fsdp.shard_student(models.HiddenStates(self.student), self.device)
+        else:
+            self.module = dist.wrap_ddp(models.HiddenStates(self.student), self.env)
         self.pad_id, self.eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
 
         # data --------------------------------------------------------------------------------------------------------
@@ -243,13 +250,22 @@ class Trainer:
         return hs.to(self.compute_dtype)
 
     def _student_head(self) -> models.Head:
+        self._gather_student()
         return models.head_of(self.student, self.compute_dtype)
+
+    def _gather_student(self) -> None:
+        """FSDP: unshard the student's root group (embeddings, head), which rollouts and the fused losses read
+        outside the wrapper's forward. Nothing otherwise."""
+        if self.fsdp:
+            fsdp.gather_root(self.module)
 
     @property
     def _rollout_dtype(self):
         return None if self.compute_dtype == torch.float32 else self.compute_dtype
 
     def _no_sync(self, last: bool):
+        if self.fsdp:
+            return fsdp.no_gradient_sync(self.module, not last)
         if self.world > 1 and not last:
             return self.module.no_sync()
         return contextlib.nullcontext()
@@ -267,10 +283,9 @@ class Trainer:
         self._step_lr = self.scheduler.get_last_lr()[0]      # the lr this step uses
         if "after_backward" in self.hooks:
             self.hooks["after_backward"](self)
-        if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-        else:
-            norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        # max_norm=inf measures the norm without clipping; under FSDP the norm is a DTensor over all shards
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
+        norm = fsdp.full_tensor(norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -317,6 +332,7 @@ class Trainer:
         chunks = D.split(prompts, cfg.rollout_batch_size)
         rows = []
         keep_hidden = cfg.single_step and cfg.cache_teacher_hidden
+        self._gather_student()
         for c, idx in enumerate(chunks):
             if c % self.world != self.rank:
                 continue
@@ -474,6 +490,7 @@ class Trainer:
         ce = kd = tokens = 0.0
         was_training = self.student.training
         self.student.eval()
+        self._gather_student()
         for idx in D.split(mine, cfg.eval_batch_size):
             b = self._to(D.collate_full([self.valid[i] for i in idx], self.pad_id))
             hs = self._student_hidden(b["input_ids"], b["attention_mask"], module=self.student)[:, :-1]
@@ -532,9 +549,7 @@ class Trainer:
         if self.best is None or value > self.best:
             self.best = value
             metrics["eval/best"] = True
-            if self.main:
-                ckpt.atomic_save_pretrained(self.student, self.tokenizer, os.path.join(self.run_dir, "best"))
-            dist.barrier()
+            self._save_pretrained("best")
 
     # ------------------------------------------------------------------------------------------------------------------
     # checkpoints
@@ -545,15 +560,30 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    def _model_state(self) -> dict:
+        """The student's state dict, whole (under FSDP a collective: every rank must call it)."""
+        return fsdp.full_model_state(self.module, self.student) if self.fsdp else self.student.state_dict()
+
+    def _save_pretrained(self, name: str) -> None:
+        """``save_pretrained`` of the student into ``run_dir/name`` by rank 0, atomically."""
+        state = self._model_state() if self.fsdp else None
+        if self.main:
+            ckpt.atomic_save_pretrained(self.student, self.tokenizer, os.path.join(self.run_dir, name),
+                                        state_dict=state)
+        dist.barrier()
+
     def save_checkpoint(self) -> Optional[str]:
         buffers = rngs = None
         buf = None if self.buffer is None else [{k: v.cpu() for k, v in row.items()} for row in self.buffer]
         buffers = dist.all_gather_object(buf)
         rngs = dist.all_gather_object(self._rng_state())
+        model_state = self._model_state()
+        optim_state = (fsdp.full_optimizer_state(self.module, self.student, self.optimizer) if self.fsdp
+                       else self.optimizer.state_dict())
         path = None
         if self.main:
             state = {"version": 1, "step": self.step, "world_size": self.world, "config": self.cfg.to_dict(),
-                     "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "parallel": "fsdp" if self.fsdp else "ddp", "model": model_state, "optimizer": optim_state,
                      "scheduler": self.scheduler.state_dict(), "rng": rngs, "best": self.best,
                      "train_stream": self.train_stream.state_dict(),
                      "pt_stream": self.pt_stream.state_dict() if self.pt_blocks is not None else None,
@@ -567,8 +597,15 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         state = ckpt.load(path)
-        self.student.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp != (state.get("parallel") == "fsdp"):
+            raise ConfigError(f"{path} was written with parallel={state.get('parallel', 'ddp')}, this run uses "
+                              f"parallel={'fsdp' if self.fsdp else 'ddp'} (their optimiser states are keyed "
+                              f"differently); resume with the same parallel setting")
+        if self.fsdp:
+            fsdp.load_full_state(self.module, self.student, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.student.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best = int(state["step"]), state["best"]
         self.train_stream.load_state_dict(state["train_stream"])
@@ -664,8 +701,8 @@ class Trainer:
 
     def _finish(self) -> None:
         cfg = self.cfg
+        self._save_pretrained("final")
         if self.main:
-            ckpt.atomic_save_pretrained(self.student, self.tokenizer, os.path.join(self.run_dir, "final"))
             if cfg.plots:
                 from .plots import plot_metrics
 

@@ -4,6 +4,7 @@ and the matmul floor, on named shape presets. See bench/README.md.
     python -m bench --quick                                    # tiny shapes, checks the harness end to end
     python -m bench --preset issue3,liger-cpu --mode fwd_bwd   # the issue's CPU tables
     python -m bench --list                                     # presets, ops, implementations
+    python -m bench plot [CSV]                                 # redraw the PNGs of a results CSV (no timing)
 """
 from __future__ import annotations
 
@@ -277,7 +278,34 @@ def _run(args, device, batches: list, tmp: Path) -> list:
     return rows
 
 
+def replot(argv=None) -> int:
+    """``python -m bench plot [CSV ...] [--out DIR]``: redraw the PNGs of results CSVs without timing anything, one
+    set per run (the rows sharing a ``date``), named with that date."""
+    p = argparse.ArgumentParser(prog="python -m bench plot", description=replot.__doc__)
+    p.add_argument("csv", nargs="*", type=Path, default=[DEFAULT_OUT / "bench.csv"],
+                   help=f"results CSV(s) (default {DEFAULT_OUT / 'bench.csv'})")
+    p.add_argument("--out", type=Path, help="folder for the PNGs (default: the CSV's folder)")
+    args = p.parse_args(argv)
+    for path in args.csv:
+        if not path.exists():
+            raise SystemExit(f"error: {path} does not exist")
+        rows = report.read_csv(path)
+        if not rows:
+            continue
+        out = args.out or path.parent
+        runs = {}
+        for r in rows:
+            runs.setdefault(r["date"], []).append(r)
+        pngs = [png for date, rs in runs.items() for png in report.plot(rs, out, report.stamp_of(date))]
+        for png in pngs:
+            print(f"plot: {png}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "plot":
+        return replot(argv[1:])
     args = build_parser().parse_args(argv)
     if args.list:
         print(_list())

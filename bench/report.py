@@ -138,7 +138,7 @@ def table(rows: list) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # CSV
 # ----------------------------------------------------------------------------------------------------------------------
-def write_csv(rows: list, out_dir: Path, name: str = "bench.csv") -> Path:
+def write_csv(rows: list, out_dir: Path, name: str = "bench.csv", columns: list = CSV_COLUMNS) -> Path:
     """Append ``rows`` to ``out_dir/name`` (long format, header written once). A file with another header is left
     alone and the rows go to a new, dated file beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,16 +146,42 @@ def write_csv(rows: list, out_dir: Path, name: str = "bench.csv") -> Path:
     if path.exists():
         with open(path, newline="") as f:
             first = next(csv.reader(f), None)
-        if first != CSV_COLUMNS:
-            path = out_dir / f"bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
+        if first != columns:
+            stem = name.rsplit(".", 1)[0]
+            path = out_dir / f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({k: _csv_value(r.get(k, "")) for k in CSV_COLUMNS})
+            w.writerow({k: _csv_value(r.get(k, "")) for k in columns})
     return path
+
+
+def read_csv(path: Path) -> list:
+    """The rows of a results CSV (either kind), numbers parsed back: ints where the text is an int, floats where it
+    is a float, the rest (and empty cells) left as text."""
+    def parse(v: str):
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) if k not in _TEXT_COLUMNS else v for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+_TEXT_COLUMNS = {"date", "commit", "device", "device_type", "torch", "triton", "liger_kernel", "torchtune",
+                 "transformers", "python", "preset", "op", "variant", "shape", "impl", "mode", "status", "mem_method",
+                 "notes", "step", "family", "backend", "student", "teacher", "dtype"}
+
+
+def stamp_of(date: str) -> str:
+    """``2026-11-22T21:53:10`` -> ``20261122-215310``: the file-name stamp of a run, from its rows' ``date``."""
+    return date.replace("-", "").replace(":", "").replace("T", "-")[:15]
 
 
 def _csv_value(v):
@@ -167,9 +193,92 @@ def _csv_value(v):
 # ----------------------------------------------------------------------------------------------------------------------
 # plots
 # ----------------------------------------------------------------------------------------------------------------------
+_FLOOR_STYLE = dict(color="black", linestyle="--", linewidth=1.3)
+
+
+def _colors(impls: list) -> dict:
+    """One colour per implementation, the same in both panels (the floor is black)."""
+    import matplotlib
+
+    cycle = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
+    others = [i for i in impls if i != "floor"]
+    return {impl: cycle[k % len(cycle)] for k, impl in enumerate(others)}
+
+
+def _log_if_wide(ax) -> None:
+    """Log y axis where the plotted values span more than 20x (naive's GB next to a chunked op's MB); else headroom
+    above the tallest bar for its label."""
+    ys = [y for line in ax.lines for y in line.get_ydata() if y > 0]
+    ys += [bar.get_height() for c in ax.containers if hasattr(c, "patches") for bar in c.patches
+           if bar.get_height() > 0]
+    if ys and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")
+    else:
+        ax.margins(y=0.12)
+
+
+def _plot_sweep(ax_t, ax_m, rs: list, impls: list, colors: dict) -> None:
+    """Several token counts: a line per implementation against N, the floor dashed black with its p20-p80 band."""
+    for impl in impls:
+        pts = sorted((r["tokens"], r) for r in rs if r["impl"] == impl and r["status"] == "ok")
+        if not pts:
+            continue
+        xs = [p[0] for p in pts]
+        lo = [p[1]["p20_ms"] for p in pts]
+        hi = [p[1]["p80_ms"] for p in pts]
+        if impl == "floor":  # markers too, so that a floor measured at one N only still shows
+            ax_t.plot(xs, [p[1]["median_ms"] for p in pts], marker="x", label="floor (matmuls alone)",
+                      **_FLOOR_STYLE)
+            if all(_num(v) for v in lo + hi):
+                ax_t.fill_between(xs, lo, hi, color="black", alpha=0.08)
+            continue
+        ax_t.plot(xs, [p[1]["median_ms"] for p in pts], marker="o", label=impl, color=colors[impl])
+        if all(_num(v) for v in lo + hi):
+            ax_t.fill_between(xs, lo, hi, alpha=0.15, color=colors[impl])
+        mem = [(p[0], p[1].get("peak_extra_mib")) for p in pts if _num(p[1].get("peak_extra_mib"))]
+        if mem:
+            ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl, color=colors[impl])
+    for ax in (ax_t, ax_m):
+        ax.set_xlabel("tokens N")
+        ax.set_xscale("log", base=2)
+
+
+def _plot_single(ax_t, ax_m, rs: list, impls: list, colors: dict) -> None:
+    """One token count: a bar per implementation (p20-p80 as error bars, ``x floor`` written on the time bars), the
+    floor as a dashed black line across the time panel with its p20-p80 band."""
+    ok = {r["impl"]: r for r in rs if r["status"] == "ok"}
+    names = [i for i in impls if i != "floor" and i in ok]
+    xs = list(range(len(names)))
+    med = [ok[i]["median_ms"] for i in names]
+    err = [[max(m - ok[i]["p20_ms"], 0) if _num(ok[i].get("p20_ms")) else 0 for i, m in zip(names, med)],
+           [max(ok[i]["p80_ms"] - m, 0) if _num(ok[i].get("p80_ms")) else 0 for i, m in zip(names, med)]]
+    bars = ax_t.bar(xs, med, yerr=err, capsize=3, color=[colors[i] for i in names], alpha=0.85)
+    for bar, i, hi in zip(bars, names, err[1]):
+        ratio = ok[i].get("floor_ratio")
+        if _num(ratio):  # above the error bar
+            ax_t.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height() + hi),
+                          xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    floor = ok.get("floor")
+    if floor is not None:
+        ax_t.axhline(floor["median_ms"], label=f"floor (matmuls alone): {floor['median_ms']:.4g} ms", **_FLOOR_STYLE)
+        if _num(floor.get("p20_ms")) and _num(floor.get("p80_ms")):
+            ax_t.axhspan(floor["p20_ms"], floor["p80_ms"], color="black", alpha=0.08)
+    mem = [(x, i, ok[i]["peak_extra_mib"]) for x, i in zip(xs, names) if _num(ok[i].get("peak_extra_mib"))]
+    mbars = ax_m.bar([m[0] for m in mem], [m[2] for m in mem], color=[colors[m[1]] for m in mem], alpha=0.85)
+    for bar, (_, _, v) in zip(mbars, mem):
+        ax_m.annotate(f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), xytext=(0, 3),
+                      textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    for ax in (ax_t, ax_m):
+        ax.set_xticks(xs)
+        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.set_xlabel(f"implementation (N={rs[0]['tokens']} tokens)")
+        ax.set_xlim(-0.6, max(len(names), 1) - 0.4)
+
+
 def plot(rows: list, out_dir: Path, stamp: str) -> list:
-    """One PNG per (preset, op variant, dtype, mode): median time and peak extra memory against tokens, one line
-    per implementation, the matmul floor dashed. Returns the paths written."""
+    """One PNG per (preset, op variant, dtype, mode): median time and peak extra memory. Several token counts: against
+    tokens, one line per implementation; one token count: one bar per implementation. The matmul floor is drawn in
+    every time panel (dashed black, with its p20-p80 band). Returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,34 +288,25 @@ def plot(rows: list, out_dir: Path, stamp: str) -> list:
     for r in rows:
         groups[(r["preset"], r["op"], r["variant"], r["dtype"], r["mode"], r["device_type"])].append(r)
     paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
     for (preset, op, variant, dtype, mode, dev), rs in groups.items():
+        if not any(r["status"] == "ok" for r in rs):
+            continue
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
         impls = list(dict.fromkeys(r["impl"] for r in rs))
-        for impl in impls:
-            pts = sorted((r["tokens"], r) for r in rs if r["impl"] == impl and r["status"] == "ok")
-            if not pts:
-                continue
-            xs = [p[0] for p in pts]
-            style = dict(color="black", linestyle="--", marker="") if impl == "floor" else dict(marker="o")
-            ax_t.plot(xs, [p[1]["median_ms"] for p in pts], label=impl, **style)
-            lo = [p[1]["p20_ms"] for p in pts]
-            hi = [p[1]["p80_ms"] for p in pts]
-            if impl != "floor" and all(_num(v) for v in lo + hi):
-                ax_t.fill_between(xs, lo, hi, alpha=0.15)
-            mem = [(p[0], p[1].get("peak_extra_mib")) for p in pts if _num(p[1].get("peak_extra_mib"))]
-            if mem:
-                ax_m.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl)
+        colors = _colors(impls)
+        if len({r["tokens"] for r in rs}) > 1:
+            _plot_sweep(ax_t, ax_m, rs, impls, colors)
+        else:
+            _plot_single(ax_t, ax_m, rs, impls, colors)
         for ax, ylabel in ((ax_t, "median time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
-            ax.set_xlabel("tokens N")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=8)
-            if len({r["tokens"] for r in rs}) > 1:
-                ax.set_xscale("log", base=2)
-            ys = [y for line in ax.lines for y in line.get_ydata() if y > 0]
-            if ys and max(ys) / min(ys) > 20:  # naive's GB next to a chunked op's MB
-                ax.set_yscale("log")
+            if ax.lines or ax.patches:
+                handles, labels = ax.get_legend_handles_labels()
+                if handles:
+                    ax.legend(fontsize=8)
+            _log_if_wide(ax)
         shape = rs[0]
         fig.suptitle(f"{op} [{variant}] {mode} - {preset} Hs={shape['hs']} Ht={shape['ht']} V={shape['vocab']} "
                      f"{dtype} - {shape['device']}" + (f", threads={shape['threads']}" if dev == "cpu" else ""),
@@ -217,3 +317,4 @@ def plot(rows: list, out_dir: Path, stamp: str) -> list:
         plt.close(fig)
         paths.append(path)
     return paths
+

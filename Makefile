@@ -6,7 +6,7 @@ TORCH_PIN ?= torch==2.13.0
 # Without a GPU the Triton kernels run on the CPU under Triton's interpreter.
 export TRITON_INTERPRET ?= $(shell $(PY) -c "import torch; print(0 if torch.cuda.is_available() else 1)" 2>/dev/null || echo 1)
 
-.PHONY: setup demo test bench bench-quick clean
+.PHONY: setup demo test bench bench-e2e bench-quick clean
 
 .setup.stamp: pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
@@ -21,11 +21,17 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# The microbenchmarks (bench/README.md; hours on CPU for every op and mode), then the end-to-end bench (minutes).
 bench: setup
 	$(PY) -m bench
+	$(PY) -m bench e2e
+
+bench-e2e: setup
+	$(PY) -m bench e2e
 
 bench-quick: setup
 	$(PY) -m bench --quick
+	$(PY) -m bench e2e --quick
 
 clean:
 	rm -rf .setup.stamp build *.egg-info .pytest_cache

@@ -4,6 +4,7 @@ and the matmul floor, on named shape presets. See bench/README.md.
     python -m bench --quick                                    # tiny shapes, checks the harness end to end
     python -m bench --preset issue3,liger-cpu --mode fwd_bwd   # the issue's CPU tables
     python -m bench --list                                     # presets, ops, implementations
+    python -m bench e2e ...                                    # end to end: a MiniLLM training step and a rollout
     python -m bench plot [CSV]                                 # redraw the PNGs of a results CSV (no timing)
 """
 from __future__ import annotations
@@ -105,7 +106,9 @@ class Runner:
 
     def __call__(self, specs: list) -> list:
         if self.in_process:
-            results = [measure.run_job(s) for s in specs]
+            from .worker import run_spec
+
+            results = [run_spec(s) for s in specs]
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return results
@@ -176,6 +179,7 @@ def _list() -> str:
     pending = cases.pending_ops()
     if pending:
         lines.append(f"  in minillm_fast but not benchmarked yet: {', '.join(pending)} (bench/cases.py)")
+    lines += ["", "end to end (a MiniLLM training step and a rollout on the demo's models): python -m bench e2e --help"]
     return "\n".join(lines)
 
 
@@ -279,8 +283,9 @@ def _run(args, device, batches: list, tmp: Path) -> list:
 
 
 def replot(argv=None) -> int:
-    """``python -m bench plot [CSV ...] [--out DIR]``: redraw the PNGs of results CSVs without timing anything, one
-    set per run (the rows sharing a ``date``), named with that date."""
+    """``python -m bench plot [CSV ...] [--out DIR]``: redraw the PNGs of results CSVs without timing anything.
+    bench.csv: one set per run (the rows sharing a ``date``), named with that date. e2e.csv: one PNG per model family
+    from the latest row of every case (step, vocabulary, threads, implementation), named with the latest date."""
     p = argparse.ArgumentParser(prog="python -m bench plot", description=replot.__doc__)
     p.add_argument("csv", nargs="*", type=Path, default=[DEFAULT_OUT / "bench.csv"],
                    help=f"results CSV(s) (default {DEFAULT_OUT / 'bench.csv'})")
@@ -293,10 +298,16 @@ def replot(argv=None) -> int:
         if not rows:
             continue
         out = args.out or path.parent
-        runs = {}
-        for r in rows:
-            runs.setdefault(r["date"], []).append(r)
-        pngs = [png for date, rs in runs.items() for png in report.plot(rs, out, report.stamp_of(date))]
+        if "step" in rows[0]:  # e2e.csv: the latest measurement of every case, in one plot per family
+            latest = {}
+            for r in rows:
+                latest[(r["device"], r["family"], r["dtype"], r["step"], r["vocab"], r["threads"], r["impl"])] = r
+            pngs = report.e2e_plot(list(latest.values()), out, report.stamp_of(max(r["date"] for r in rows)))
+        else:
+            runs = {}
+            for r in rows:
+                runs.setdefault(r["date"], []).append(r)
+            pngs = [png for date, rs in runs.items() for png in report.plot(rs, out, report.stamp_of(date))]
         for png in pngs:
             print(f"plot: {png}")
     return 0
@@ -304,6 +315,10 @@ def replot(argv=None) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "e2e":
+        from . import e2e_cli
+
+        return e2e_cli.main(argv[1:])
     if argv and argv[0] == "plot":
         return replot(argv[1:])
     args = build_parser().parse_args(argv)

@@ -318,3 +318,143 @@ def plot(rows: list, out_dir: Path, stamp: str) -> list:
         paths.append(path)
     return paths
 
+
+# ----------------------------------------------------------------------------------------------------------------------
+# end to end (bench/e2e.py): rows, table, plot
+# ----------------------------------------------------------------------------------------------------------------------
+E2E_COLUMNS = [
+    # where and when
+    "date", "commit", "device", "device_type", "threads", "torch", "triton", "transformers", "python",
+    # what
+    "step", "family", "student", "teacher", "vocab", "dtype", "batch", "prompt_len", "new_tokens", "pt_rows",
+    "pt_len", "alpha", "impl", "backend",
+    # results
+    "status", "tokens", "median_ms", "p20_ms", "p80_ms", "min_ms", "max_ms", "reps", "tokens_per_s", "speedup",
+    "peak_extra_mib", "mem_ratio", "mem_method", "value", "value_rel_diff", "notes",
+]
+
+_E2E_NOTES = {
+    ("train", "fused"): "minillm_fast.distill.losses: ppo_terms + lm_terms (fused ops)",
+    ("train", "materialised"): "fp32 logits of both models, log_softmax, every term from them, autograd",
+    ("rollout", "fused"): "rollout.generate, KV caches, minillm_fast.mixture_sample",
+    ("rollout", "materialised"): "rollout.generate, KV caches, full logits + softmax mixture + torch.multinomial",
+}
+
+
+def e2e_row(env: dict, spec: dict, res: dict) -> dict:
+    """One CSV row of an end-to-end case from its spec (bench/e2e.py ``spec_of``) and its result (``run_case``)."""
+    train = spec["step"] == "train"
+    r = dict(env, step=spec["step"], family=spec["family"], vocab=spec["vocab"], dtype="float32", impl=spec["impl"],
+             batch=spec["batch"] if train else spec["rollout_batch"], prompt_len=spec["prompt_len"],
+             new_tokens=spec["new_tokens"], pt_rows=spec["pt_rows"] if train else "",
+             pt_len=spec["pt_len"] if train else "", alpha="" if train else spec["alpha"],
+             notes=_E2E_NOTES[(spec["step"], spec["impl"])] + (" (quick shapes)" if spec.get("quick") else ""))
+    if res.get("status") != "ok":
+        r.update(status=res.get("status", "error"), notes=res.get("error", "no result"))
+        return r
+    peak = res.get("peak_extra_bytes")
+    r.update({k: res[k] for k in ("backend", "tokens", "student", "teacher", "median_ms", "p20_ms", "p80_ms",
+                                  "min_ms", "max_ms", "reps", "tokens_per_s", "mem_method", "value")},
+             status="ok", peak_extra_mib=peak / float(1 << 20) if _num(peak) else "")
+    return r
+
+
+def e2e_add_ratios(rows: list) -> None:
+    """``speedup`` = tokens/s over the materialised implementation's, ``mem_ratio`` = peak extra memory over its,
+    ``value_rel_diff`` (train) = |loss - its loss| / |its loss|; same step, model family, vocabulary and threads."""
+    key = lambda r: (r["step"], r["family"], r["vocab"], r["threads"], r["device_type"], r["dtype"])  # noqa: E731
+    base = {key(r): r for r in rows if r["impl"] == "materialised" and r["status"] == "ok"}
+    for r in rows:
+        b = base.get(key(r))
+        if b is None or r["status"] != "ok":
+            continue
+        r["speedup"] = r["tokens_per_s"] / b["tokens_per_s"]
+        if _num(r.get("peak_extra_mib")) and _num(b.get("peak_extra_mib")) and b["peak_extra_mib"] > 0:
+            r["mem_ratio"] = r["peak_extra_mib"] / b["peak_extra_mib"]
+        if r["step"] == "train" and _num(r.get("value")) and _num(b.get("value")) and b["value"] != 0:
+            r["value_rel_diff"] = abs(r["value"] - b["value"]) / abs(b["value"])
+
+
+def e2e_table(rows: list) -> str:
+    """A Markdown table, one line per case."""
+    out = ["| step | model | V | threads | impl | tokens/call | median ms (p20-p80) | tokens/s | x materialised "
+           "| peak extra MiB | x materialised mem | check |", "| --- " * 12 + "|"]
+    for r in rows:
+        model = f"{r['family']} {r.get('student') or '?'} / {r.get('teacher') or '?'}"
+        if r["status"] != "ok":
+            out.append(f"| {r['step']} | {model} | {r['vocab']} | {r['threads']} | {r['impl']} | | | | | | | "
+                       f"{r['status']}: {str(r.get('notes', ''))[:120]} |")
+            continue
+        if r["step"] == "train":
+            check = f"loss {r['value']:.6g}"
+            if r["impl"] != "materialised" and _num(r.get("value_rel_diff")):
+                check += f" (rel. diff {r['value_rel_diff']:.1e})"
+        else:
+            check = f"mean log q(y) {r['value']:.3f}"
+        backend = f" ({r['backend']})" if r["impl"] == "fused" else ""
+        out.append(f"| {r['step']} | {model} | {r['vocab']} | {r['threads']} | {r['impl']}{backend} | {r['tokens']} "
+                   f"| {r['median_ms']:.0f} ({r['p20_ms']:.0f}-{r['p80_ms']:.0f}) | {r['tokens_per_s']:.0f} "
+                   f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('peak_extra_mib'), '.0f')} "
+                   f"| {_fmt(r.get('mem_ratio'), '.2f')} | {check} |")
+    return "\n".join(out)
+
+
+def e2e_plot(rows: list, out_dir: Path, stamp: str) -> list:
+    """One PNG per model family and device: tokens/s and peak extra memory against the vocabulary, one row of panels
+    per step, one line per implementation (solid) and thread count (line style). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    groups = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok":
+            groups[(r["family"], r["dtype"], r["device_type"])].append(r)
+    paths = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    styles, markers = ["-", "--", ":", "-."], ["o", "s", "^", "D"]
+    for (family, dtype, dev), rs in groups.items():
+        steps = [s for s in ("train", "rollout") if any(r["step"] == s for r in rs)]
+        fig, axes = plt.subplots(len(steps), 2, figsize=(11, 3.8 * len(steps)), squeeze=False)
+        impls = list(dict.fromkeys(r["impl"] for r in rs))
+        threads = sorted({r["threads"] for r in rs}, key=lambda t: -t if isinstance(t, int) else 0)  # most first
+        vocabs = sorted({r["vocab"] for r in rs})
+        colors = _colors(impls)
+        for row, step in zip(axes, steps):
+            for impl in impls:
+                for k, t in enumerate(threads):
+                    pts = sorted((r["vocab"], r) for r in rs if r["step"] == step and r["impl"] == impl
+                                 and r["threads"] == t)
+                    if not pts:
+                        continue
+                    label = impl + (f", {t} thread{'s' if t != 1 else ''}" if len(threads) > 1 else "")
+                    style = dict(color=colors[impl], linestyle=styles[k % len(styles)], marker=markers[k % 4],
+                                 label=label)
+                    row[0].plot([p[0] for p in pts], [p[1]["tokens_per_s"] for p in pts], **style)
+                    mem = [(p[0], p[1]["peak_extra_mib"]) for p in pts if _num(p[1].get("peak_extra_mib"))]
+                    row[1].plot([m[0] for m in mem], [m[1] for m in mem], **style)
+            first = next(r for r in rs if r["step"] == step)
+            title = (f"train step: {first['batch']} rollouts + {first['pt_rows']} corpus rows" if step == "train" else
+                     f"rollout: {first['batch']} prompts x {first['new_tokens']} new tokens")
+            for ax, ylabel in ((row[0], "tokens/s"), (row[1], "peak memory above models and inputs (MiB)")):
+                ax.set_title(title, fontsize=9)
+                ax.set_xlabel("vocabulary V")
+                ax.set_ylabel(ylabel)
+                ax.set_xscale("log")
+                ax.set_xticks(vocabs)
+                ax.set_xticklabels([str(v) for v in vocabs])
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+                ax.grid(True, alpha=0.3)
+                ax.legend(fontsize=8)
+                _log_if_wide(ax)
+        first = rs[0]
+        fig.suptitle(f"end to end - demo models ({family} student {first['student']}, teacher {first['teacher']}), "
+                     f"{dtype} - {first['device']}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / f"{stamp}_e2e_{family}_{dtype}_{dev}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

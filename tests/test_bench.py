@@ -3,7 +3,9 @@ temporary folder; then the CSV, the verification against the reference, and the 
 
 The numbers themselves are not checked (tiny shapes on a shared machine); what is checked is that every part of the
 harness ran: the naive baseline, our implementations and the matmul floor each have measured rows, every measured
-implementation agreed with the fp32 reference, and the ratios and PNGs were written.
+implementation agreed with the fp32 reference, and the ratios and PNGs were written. The same for the end-to-end
+bench (``python -m bench e2e --quick``: a training step and a rollout, fused and materialised, on the demo's quick
+models) and for ``python -m bench plot`` (PNGs redrawn from a results CSV).
 """
 from __future__ import annotations
 
@@ -82,3 +84,63 @@ def test_cli_forwards_to_bench():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "issue3" in proc.stdout and "liger-cpu" in proc.stdout and "fused_divergence" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# end to end: python -m bench e2e --quick (the demo's quick models, tiny sizes, one worker process)
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-e2e")
+    proc = subprocess.run([sys.executable, "-m", "bench", "e2e", "--quick", "--threads", "1", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    with open(out / "e2e.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out, proc.stdout, rows
+
+
+def test_e2e_quick_measures_every_step_and_implementation(e2e_run):
+    _, _, rows = e2e_run
+    assert {(r["step"], r["impl"]) for r in rows} == {(s, i) for s in ("train", "rollout")
+                                                      for i in ("fused", "materialised")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["median_ms"]) > 0 and float(r["tokens_per_s"]) > 0 and int(r["tokens"]) > 0
+        assert r["peak_extra_mib"] != "" and r["mem_method"]
+        assert r["speedup"] != "" and r["mem_ratio"] != ""
+        assert r["device"] and r["commit"] and r["date"] and r["torch"] and r["transformers"]
+        assert r["threads"] == "1" and r["family"] == "gpt2" and r["student"] == "64/2/2"
+    rollout = [r for r in rows if r["step"] == "rollout"]
+    assert all(int(r["tokens"]) == int(r["batch"]) * int(r["new_tokens"]) for r in rollout)
+
+
+def test_e2e_quick_fused_training_step_computes_the_materialised_loss(e2e_run):
+    _, _, rows = e2e_run
+    fused = next(r for r in rows if r["step"] == "train" and r["impl"] == "fused")
+    assert float(fused["value_rel_diff"]) < 1e-4, fused
+
+
+def test_e2e_quick_prints_a_table_and_draws_a_plot(e2e_run):
+    out, stdout, _ = e2e_run
+    assert "| step | model | V |" in stdout and "materialised" in stdout
+    assert list(out.glob("*_e2e_gpt2_float32_*.png"))
+
+
+def test_replot_draws_a_png_per_group_from_a_csv(e2e_run, tmp_path):
+    out, _, _ = e2e_run
+    with open(REPO / "bench" / "results" / "bench.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        decode = [r for r in reader if r["preset"] == "decode"]   # a committed single-N run: two op groups
+        header = reader.fieldnames
+    assert decode
+    with open(tmp_path / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows(decode)
+    proc = subprocess.run([sys.executable, "-m", "bench", "plot", str(tmp_path / "bench.csv"), str(out / "e2e.csv"),
+                           "--out", str(tmp_path / "png")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
+    assert len(pngs) == 3, pngs
+    assert sum("_e2e_" in p for p in pngs) == 1

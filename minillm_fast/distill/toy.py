@@ -1,7 +1,7 @@
 """A tiny, fully local distillation workspace: a generated instruction set, a byte-level BPE tokenizer trained on it,
 and randomly initialised GPT-2 or Llama students and teachers built from configs, all saved with save_pretrained.
 
-Used by the tests, the throughput script and as a quickstart that needs no download::
+Used by the tests and as a quickstart that needs no download::
 
     python -m minillm_fast.distill.toy /tmp/toy            # writes /tmp/toy/{tokenizer,student,teacher,*.jsonl,...}
     minillm-fast distill --config /tmp/toy/minillm.yaml     # the config it writes next to them

@@ -1,11 +1,17 @@
 """The ``native`` backend: the C++ extension of csrc/, compiled on first use (or ahead of time by setup.py).
 
 Loading. :func:`load` imports ``minillm_fast._native_<isa>`` when ``MINILLM_FAST_BUILD_EXT=1 pip install
---no-build-isolation .`` built it ahead of time; otherwise it compiles ``csrc/fused_divergence_cpu.cpp`` with
+--no-build-isolation .`` built it ahead of time; otherwise it compiles the ``SOURCES`` of ``csrc/`` with
 ``torch.utils.cpp_extension.load`` (g++ and ninja, about a minute) into torch's extensions cache
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), where later processes find it in about a second.
 Either way it happens once per process; :func:`is_available` reports whether it worked and :func:`build_error`
 why not.
+
+What it holds. ``divergence_rows`` (fused_divergence_cpu.cpp, the module's pybind function: the rows function of the
+chunked fused divergence, :func:`native_rows`) and the row kernels of the other ops, registered as torch.library ops
+``torch.ops.minillm_fast_native.*`` (:func:`ops`): ``token_logprobs_fwd_rows`` / ``_bwd_rows`` and
+``rollout_statistics_rows`` (token_stats_cpu.cpp), ``mixture_sample_rows`` (sampling_cpu.cpp). Each takes one
+chunk's logits ``[C, V]``; the chunk loops and matmuls are Python's (minillm_fast/ops/).
 
 Instruction set. The kernels are written with ``at::vec::Vectorized``, whose width is fixed when the file is compiled
 (by ``CPU_CAPABILITY`` and the ``-m`` flags). The extension is built for the capability ATen itself runs with on this
@@ -31,7 +37,13 @@ from typing import Optional
 
 import torch
 
-SOURCES = ("fused_divergence_cpu.cpp",)
+SOURCES = ("fused_divergence_cpu.cpp", "token_stats_cpu.cpp", "sampling_cpu.cpp")
+# Included by the sources (ninja tracks them for rebuilds; listed so that a stale build is announced and an incomplete
+# csrc/ is refused).
+HEADERS = ("native_common.h", "philox.h")
+# The torch.library namespace of the row kernels of token_stats_cpu.cpp and sampling_cpu.cpp (the pybind module,
+# fused_divergence_cpu.cpp's, carries divergence_rows): torch.ops.minillm_fast_native.* once the library is loaded.
+OPS_NAMESPACE = "minillm_fast_native"
 # -fopenmp: at::parallel_for is an inline template over `#pragma omp parallel` and runs serially without it. The
 # library then needs libgomp.so.1, which resolves to the copy torch has loaded, so torch.set_num_threads governs it.
 _COMMON_FLAGS = ["-O3", "-fopenmp"]
@@ -69,10 +81,11 @@ def source_dir() -> Path:
     """csrc/: inside the installed package (package data), else at the repository root (source tree, editable)."""
     here = Path(__file__).resolve().parent
     for d in (here / "csrc", here.parent / "csrc"):
-        if all((d / s).is_file() for s in SOURCES):
+        if all((d / s).is_file() for s in SOURCES + HEADERS):
             return d
-    raise NativeBuildError(f"the native extension's sources ({', '.join(SOURCES)}) are not in {here / 'csrc'} or "
-                           f"{here.parent / 'csrc'}; reinstall minillm-fast from a complete source tree")
+    raise NativeBuildError(f"the native extension's sources ({', '.join(SOURCES + HEADERS)}) are not in "
+                           f"{here / 'csrc'} or {here.parent / 'csrc'}; reinstall minillm-fast from a complete source "
+                           "tree")
 
 
 def _check_toolchain() -> None:
@@ -90,7 +103,7 @@ def _check_toolchain() -> None:
 
 
 def _needs_compile(name: str, sources: list[str]) -> bool:
-    """Whether torch's JIT loader will have to compile (no cached library, or older than a source)."""
+    """Whether torch's JIT loader will have to compile (no cached library, or older than a source or header)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
@@ -107,7 +120,7 @@ def _jit_build(cap: str):
     src = source_dir()
     sources = [str(src / s) for s in SOURCES]
     name = "minillm_fast" + module_name(cap)
-    if _needs_compile(name, sources):
+    if _needs_compile(name, sources + [str(src / h) for h in HEADERS]):
         print("minillm-fast: compiling the native extension (first use, ~1 min)...", file=sys.stderr, flush=True)
     try:
         return cpp_load(name=name, sources=sources, extra_cflags=cflags(cap), extra_ldflags=LDFLAGS, verbose=False)
@@ -145,6 +158,9 @@ def load():
     return mod
 
 
+# A constant to torch.compile: backend resolution calls this while dynamo traces a model, which must not trace into the
+# loader (it queries the CPU capability, a torch.* call that returns a str, and breaks a fullgraph trace).
+@torch.compiler.assume_constant_result
 def is_available() -> bool:
     return not isinstance(_load(), NativeBuildError)
 
@@ -152,6 +168,13 @@ def is_available() -> bool:
 def build_error() -> Optional[str]:
     mod = _load()
     return str(mod) if isinstance(mod, NativeBuildError) else None
+
+
+def ops():
+    """``torch.ops.minillm_fast_native``: the row kernels of the token log-probs, rollout statistics and sampler
+    (registered with torch.library when the extension loads; building it on first use)."""
+    load()
+    return getattr(torch.ops, OPS_NAMESPACE)
 
 
 def native_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg, grad_s: bool,

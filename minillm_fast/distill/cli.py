@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 USAGE = """\
-Run SFT, KD, SeqKD or MiniLLM distillation from a YAML config, with key=value overrides:
+Run SFT, KD, SeqKD, MiniLLM or OKD distillation from a YAML config, with key=value overrides:
 
     minillm-fast distill --config run.yaml [key=value ...]
     torchrun --nproc_per_node 8 -m minillm_fast.distill --config run.yaml     # data parallel

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-METHODS = ("sft", "kd", "seqkd", "minillm")
+METHODS = ("sft", "kd", "seqkd", "minillm", "okd")
 DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -44,9 +44,9 @@ class ConfigError(ValueError):
 @dataclass
 class DistillConfig:
     # --- what to run ---------------------------------------------------------------------------------------------
-    method: str = "minillm"                 # sft | kd | seqkd | minillm
+    method: str = "minillm"                 # sft | kd | seqkd | minillm | okd
     student: Optional[str] = None           # local path of the student (save_pretrained directory)
-    teacher: Optional[str] = None           # local path of the teacher (kd, seqkd, minillm)
+    teacher: Optional[str] = None           # local path of the teacher (kd, seqkd, minillm, okd)
     tokenizer: Optional[str] = None         # local path of the tokenizer (default: the student's)
     train_data: Optional[str] = None        # JSONL: instruction, [context|input], response
     valid_data: Optional[str] = None        # JSONL, same fields; response may be a list (references)
@@ -104,6 +104,16 @@ class DistillConfig:
     top_p: float = 1.0                      # only 1.0 is supported
     max_new_tokens: Optional[int] = None    # default max_length - max_prompt_length
     cache_teacher_hidden: bool = True       # keep the teacher's rollout hidden states for the single-step term
+    # --- OKD (online KD: a LoRA module on the teacher, trained with the student; distill/okd.py) ---------------------
+    okd_alpha: float = 0.5                  # teacher loss a KL + (1 - a) CE(labels) (the paper's alpha, Eq. 16)
+    okd_divergence: str = "forward_kl"      # student loss (Eq. 17): forward_kl KL(p||q) | reverse_kl KL(q||p) | jsd
+    okd_teacher_divergence: str = "reverse_kl"  # teacher's KL term (Eq. 16): reverse_kl KL(q||p) | forward_kl | jsd
+    okd_jsd_beta: float = 0.5               # teacher weight in the JSD mixture (when either divergence is jsd)
+    okd_lora_rank: int = 32                 # LoRA rank r of the teacher's online module
+    okd_lora_alpha: Optional[float] = None  # LoRA alpha; scaling s = alpha / r (default 2 r: s = 2)
+    okd_lora_dropout: float = 0.0
+    okd_target_modules: Optional[list] = None  # null: the attention query/value projections (q_proj/v_proj, c_attn)
+    okd_lr: Optional[float] = None          # the LoRA module's lr (default lr; same schedule)
     # --- evaluation ----------------------------------------------------------------------------------------------
     eval_interval: Optional[int] = None     # optimiser steps between evaluations (minillm 100; baselines 1 epoch)
     eval_generate: bool = True              # sample responses for Rouge-L / exact match / reverse KL
@@ -178,6 +188,10 @@ class DistillConfig:
             cfg.eval_max_new_tokens = cfg.max_new_tokens
         if cfg.pt_batch_size is None:
             cfg.pt_batch_size = cfg.batch_size
+        if cfg.method == "okd":
+            from .okd import resolve_config
+
+            resolve_config(cfg)         # okd_* defaults and checks; peft must be installed
         cfg._check(world_size, check_paths)
         if cfg.micro_batch_size is None:
             cfg.micro_batch_size = cfg.batch_size // world_size
@@ -259,7 +273,7 @@ class DistillConfig:
 
         # paths
         required = ["student", "train_data", "output_dir"]
-        if self.method in ("kd", "minillm") or (self.method == "seqkd" and not (
+        if self.method in ("kd", "minillm", "okd") or (self.method == "seqkd" and not (
                 self.seqkd_data and self.seqkd_objective == "sft")):
             required.append("teacher")
         for key in required:

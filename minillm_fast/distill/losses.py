@@ -58,9 +58,9 @@ def logprobs(hidden: Tensor, head: Head, targets: Tensor, opts: LossOptions, *, 
 
 def divergence_sum(student_hidden: Tensor, s_head: Head, teacher_hidden: Tensor, t_head: Head, opts: LossOptions, *,
                    divergence: str, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                   token_weights: Optional[Tensor] = None, temperature: float = 1.0) -> Tensor:
+                   token_weights: Optional[Tensor] = None, temperature: float = 1.0, beta: float = 0.5) -> Tensor:
     kw = dict(divergence=divergence, labels=labels, ignore_index=IGNORE_INDEX, mask=mask, token_weights=token_weights,
-              temperature=temperature, reduction="sum", student_bias=s_head.bias, teacher_bias=t_head.bias,
+              temperature=temperature, beta=beta, reduction="sum", student_bias=s_head.bias, teacher_bias=t_head.bias,
               vocab_size=opts.vocab_size, softcap=_softcap(s_head, t_head))
     if opts.naive:
         return reference.fused_divergence(student_hidden, s_head.weight, teacher_hidden, t_head.weight, **kw)

@@ -1,4 +1,4 @@
-"""The training loop of every method (sft, kd, seqkd, minillm).
+"""The training loop of every method (sft, kd, seqkd, minillm, okd).
 
 One optimiser step = one global batch (``batch_size`` sequences over all ranks), split into micro-batches of
 ``micro_batch_size`` per rank; every loss is a sum over tokens divided by the token count of the global batch, so
@@ -11,6 +11,9 @@ the collection index and ``c``), then ``ppo_epochs`` passes over the rollout buf
 ``batch_size``; each mini-batch step adds the PPO surrogate, the single-step reverse KL and the pre-training term
 ``lm_coef (0.5 CE + 0.5 KD)`` on a corpus batch, in one student forward (rollout rows and corpus rows concatenated,
 as the reference does). Then collect again.
+
+OKD: the teacher gets a LoRA module trained with the student on the same batches (distill/okd.py owns it, its
+optimiser and the step; the hooks here are the teacher load, the step call, the checkpoint entry and the adapter save).
 
 Determinism: batches, rollout seeds and buffer shuffles are pure functions of (seed, counters); the global RNGs
 (dropout) are checkpointed. A run resumed from a checkpoint writes the same metrics as an uninterrupted one on CPU.
@@ -103,7 +106,7 @@ class Trainer:
         self.student = models.load_model(cfg.student, dtype="fp32", device=self.device,
                                          attn_implementation=cfg.attn_implementation, what="student")
         # the teacher trains (kd, minillm), writes the SeqKD data, or, when given, scores validation (reverse KL)
-        needs_teacher = cfg.method in ("kd", "minillm") or (
+        needs_teacher = cfg.method in ("kd", "minillm", "okd") or (
             cfg.method == "seqkd" and (cfg.seqkd_data is None or cfg.seqkd_objective == "kd")) or (
             cfg.teacher is not None and cfg.valid_data is not None)
         self.teacher = None
@@ -143,6 +146,12 @@ class Trainer:
         sched = dict(warmup=cfg.warmup_steps, total=self.total_iters, schedule=cfg.lr_schedule, lr=cfg.lr,
                      lr_min=min(cfg.lr_min, cfg.lr))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, **sched))
+        # method=okd: the teacher's LoRA module, its optimiser and schedule, and the OKD step (distill/okd.py)
+        self.okd = None
+        if cfg.method == "okd":
+            from .okd import OnlineTeacher
+
+            self.okd = OnlineTeacher(self)
 
         # loop state ---------------------------------------------------------------------------------------------------
         self.step = 0
@@ -587,6 +596,7 @@ class Trainer:
                      "scheduler": self.scheduler.state_dict(), "rng": rngs, "best": self.best,
                      "train_stream": self.train_stream.state_dict(),
                      "pt_stream": self.pt_stream.state_dict() if self.pt_blocks is not None else None,
+                     "okd": self.okd.state_dict() if self.okd is not None else None,
                      "minillm": {"collection": self.collection, "ppo_epoch": self.ppo_epoch,
                                  "minibatch": self.minibatch, "buffers": buffers, "pending": self._pending}}
             path = ckpt.path_for(self.ckpt_dir, self.step)
@@ -607,6 +617,8 @@ class Trainer:
             self.student.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.okd is not None:
+            self.okd.load_state_dict(state.get("okd"))
         self.step, self.best = int(state["step"]), state["best"]
         self.train_stream.load_state_dict(state["train_stream"])
         if self.pt_blocks is not None and state.get("pt_stream") is not None:
@@ -672,7 +684,8 @@ class Trainer:
         try:
             while self.step < self.total_iters:
                 t0 = time.perf_counter()
-                metrics = self._minillm_step() if cfg.method == "minillm" else self._lm_step()
+                metrics = (self._minillm_step() if cfg.method == "minillm" else self.okd.step() if self.okd is not None
+                           else self._lm_step())
                 self.step += 1
                 elapsed = time.perf_counter() - t0
                 seen = metrics.pop("_seen")
@@ -703,6 +716,8 @@ class Trainer:
         cfg = self.cfg
         self._save_pretrained("final")
         if self.main:
+            if self.okd is not None:     # the adapted teacher module, beside the student
+                self.okd.save(os.path.join(self.run_dir, "teacher_adapter"))
             if cfg.plots:
                 from .plots import plot_metrics
 

@@ -1,0 +1,190 @@
+"""The ``native`` backend on CUDA tensors: the CUDA row kernels of csrc/cuda/, compiled on first use.
+
+What it is. The token-chunked strategy (chunked.py) computes each chunk's logits ``[C, V]`` with one cuBLAS matmul
+per model and hands them to a *rows function*; :func:`cuda_rows` is that function on the GPU (the CPU one is
+native.native_rows), with the ``chunked.RowsFn`` signature. The rollout-time row kernels come with it:
+:func:`cuda_mixture_sample_rows` (one token per row from ``alpha p + (1 - alpha) q``, Gumbel-max with the Triton
+sampler's Philox counters) and :func:`cuda_rollout_statistics_rows`. Sources: ``csrc/cuda/divergence_rows.cu``,
+``sampling.cu`` (kernels and launchers, CUDA headers only) and ``bindings.cpp`` (ATen wrappers).
+
+Loading. :func:`load` compiles the sources with ``torch.utils.cpp_extension.load`` (nvcc, the host C++ compiler and
+ninja; a minute or two, printing one line first) into torch's extensions cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions/<python>_<cuda>``), where later processes find it in about a second. It needs a CUDA
+build of torch (``torch.version.cuda`` set), a visible GPU and a CUDA toolkit (``nvcc`` under ``CUDA_HOME`` or on
+``PATH``); otherwise it raises :class:`NativeCudaBuildError` saying which is missing and what to do. The kernels are
+compiled for the visible GPUs' architectures, or for ``TORCH_CUDA_ARCH_LIST`` when it is set (as every torch JIT
+extension). :func:`is_available` / :func:`build_error` report the outcome; the build is tried once per process.
+
+This module imports nothing from the package except native.py's error class (setup.py may load it by path).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCES = ("cuda/bindings.cpp", "cuda/divergence_rows.cu", "cuda/sampling.cu")
+HEADERS = ("cuda/common.cuh", "cuda/divergence_rows.cuh", "cuda/sampling.cuh", "cuda/launchers.h")
+MODULE_NAME = "minillm_fast_native_cuda"
+# torch adds its COMMON_NVCC_FLAGS (no implicit half conversions: the kernels convert explicitly) and the -gencode
+# flags of the target GPUs. Never --use_fast_math: the kernels rely on the accurate expf / logf / tanhf.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
+CXX_FLAGS = ["-O3", "-std=c++17"]
+
+try:  # the CPU backend's error class, so that callers can catch either with one except
+    from .native import NativeBuildError as _Base
+except ImportError:  # loaded by path (setup.py)
+    _Base = RuntimeError
+
+
+class NativeCudaBuildError(_Base):
+    """The native CUDA extension cannot be built or loaded here; the message says why and what to do."""
+
+
+def source_dir() -> Path:
+    """The folder holding ``cuda/``: csrc/ inside the installed package, else at the repository root."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "csrc", here.parent / "csrc"):
+        if all((d / s).is_file() for s in SOURCES + HEADERS):
+            return d
+    raise NativeCudaBuildError(f"the native CUDA sources ({', '.join(SOURCES)}) are not in {here / 'csrc'} or "
+                               f"{here.parent / 'csrc'}; reinstall minillm-fast from a complete source tree")
+
+
+def find_nvcc() -> Optional[str]:
+    """nvcc of the toolkit torch would build with (``CUDA_HOME``), else the one on PATH, else None."""
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+    except ImportError:
+        CUDA_HOME = None
+    for home in (CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _check_toolchain() -> None:
+    """Raise NativeCudaBuildError unless torch, the device and the toolchain allow a CUDA build."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if torch.version.cuda is None:
+        raise NativeCudaBuildError(
+            f"the native CUDA kernels need a CUDA build of torch, but this one ({torch.__version__}) is CPU-only "
+            "(torch.version.cuda is None): install a CUDA wheel (https://pytorch.org/get-started/locally/); or use "
+            "backend='triton' or 'torch'")
+    if not torch.cuda.is_available():
+        raise NativeCudaBuildError("the native CUDA kernels need a visible CUDA device, and torch.cuda.is_available() "
+                                   "is False (driver missing, CUDA_VISIBLE_DEVICES empty?); use backend='torch'")
+    if find_nvcc() is None:
+        raise NativeCudaBuildError(
+            f"the native CUDA kernels are compiled on first use with nvcc, which was not found: install the CUDA "
+            f"toolkit {torch.version.cuda} (the version torch was built with; conda: conda install "
+            f"cuda-nvcc={torch.version.cuda}) and set CUDA_HOME to it; or use backend='triton'")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise NativeCudaBuildError(f"the native CUDA kernels need a host C++ compiler, and {cxx!r} was not found: "
+                                   "install one (Debian/Ubuntu: apt-get install g++) or point CXX at it")
+    if not is_ninja_available():
+        raise NativeCudaBuildError("the native CUDA kernels are compiled on first use with ninja, which was not "
+                                   "found: pip install ninja; or use backend='triton'")
+
+
+def _needs_compile(sources: list[str]) -> bool:
+    """Whether torch's JIT loader will have to compile (no cached library, or older than a source or header)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lib = Path(_get_build_directory(MODULE_NAME, verbose=False)) / f"{MODULE_NAME}.so"
+        return not lib.is_file() or lib.stat().st_mtime < max(Path(s).stat().st_mtime for s in sources)
+    except Exception:  # private helper moved: say it, harmlessly, every first load
+        return True
+
+
+def extension_kwargs(root: Optional[Path] = None) -> dict:
+    """Sources (relative to ``root``, default the source dir) and flags, for ``CUDAExtension`` in an ahead-of-time
+    build (setup.py) as for the JIT build below."""
+    src = source_dir() if root is None else root
+    return dict(sources=[str(src / s) for s in SOURCES], include_dirs=[str(src / "cuda")],
+                extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)})
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load as cpp_load
+
+    _check_toolchain()
+    kw = extension_kwargs()
+    if _needs_compile(kw["sources"] + [str(source_dir() / h) for h in HEADERS]):
+        print("minillm-fast: compiling the native CUDA extension (first use, ~1-2 min)...", file=sys.stderr,
+              flush=True)
+    try:
+        return cpp_load(name=MODULE_NAME, sources=kw["sources"], extra_include_paths=kw["include_dirs"],
+                        extra_cflags=kw["extra_compile_args"]["cxx"],
+                        extra_cuda_cflags=kw["extra_compile_args"]["nvcc"], verbose=False)
+    except Exception as e:  # compiler errors come back as RuntimeError / CalledProcessError with the log
+        raise NativeCudaBuildError(f"building the native CUDA extension from {source_dir() / 'cuda'} failed: {e}\n"
+                                   "Use backend='triton' (or 'torch') meanwhile.") from e
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """The extension module, or the NativeCudaBuildError saying why there is none (tried once per process)."""
+    try:
+        return _jit_build()
+    except NativeCudaBuildError as e:
+        return e
+
+
+def load():
+    """The compiled CUDA extension (building it on first use); raises NativeCudaBuildError if it cannot be had."""
+    mod = _load()
+    if isinstance(mod, NativeCudaBuildError):
+        raise mod
+    return mod
+
+
+def is_available() -> bool:
+    return not isinstance(_load(), NativeCudaBuildError)
+
+
+def build_error() -> Optional[str]:
+    mod = _load()
+    return str(mod) if isinstance(mod, NativeCudaBuildError) else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# rows functions
+# ----------------------------------------------------------------------------------------------------------------------
+def cuda_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg, grad_s: bool,
+              grad_t: bool):
+    """The rows function of the chunked strategy (see minillm_fast/chunked.py) in CUDA: zs, zt [C, V] float32,
+    bfloat16, float16 or float64 CUDA chunk logits, overwritten in place with the gradients where asked (left alone
+    otherwise). Returns loss [C], stats [C, 6] (float32; float64 for float64 logits) and dL/dzs, dL/dzt (the
+    overwritten buffers, in the logits' dtype) where asked, else None."""
+    if zs.stride(-1) != 1:
+        zs = zs.contiguous()
+    if zt.stride(-1) != 1:
+        zt = zt.contiguous()
+    loss, stats = load().divergence_rows(zs, zt, row_grad, grad_s=grad_s, grad_t=grad_t, **cfg.kernel_args)
+    return loss, stats, (zs if grad_s else None), (zt if grad_t else None)
+
+
+def cuda_mixture_sample_rows(zs: torch.Tensor, zt: Optional[torch.Tensor], seed: torch.Tensor, row_offset: int, *,
+                             alpha: float, temperature: float = 1.0, softcap: float = 0.0):
+    """One token per row of the CUDA chunk logits from ``alpha softmax(zt / T) + (1 - alpha) softmax(zs / T)`` (from
+    the student alone when zt is None). seed: [1] int64 on the device (the Philox key; no host sync); row_offset:
+    global index of the chunk's first row (draws do not depend on the chunking). Returns tokens [C] int64 and
+    log q(y), log p(y), log m(y) [C] (the last two empty without a teacher). The logits are not modified."""
+    return load().mixture_sample_rows(zs.contiguous(), None if zt is None else zt.contiguous(), seed, row_offset,
+                                      alpha, temperature, softcap)
+
+
+def cuda_rollout_statistics_rows(zs: torch.Tensor, zt: torch.Tensor, tokens: torch.Tensor, *,
+                                 temperature: float = 1.0, softcap: float = 0.0):
+    """log q(y), log p(y) of tokens [C] (ids in [0, V), validated by the caller) and KL(q || p) over the vocabulary,
+    from CUDA chunk logits zs, zt [C, V]; each [C]."""
+    return load().rollout_statistics_rows(zs.contiguous(), zt.contiguous(), tokens, temperature, softcap)

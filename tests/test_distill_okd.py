@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -108,6 +110,43 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path):
         wa = load_file(os.path.join(full.output_dir, sub, name))
         wb = load_file(os.path.join(part.output_dir, sub, name))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), sub
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """torchrun, 2 gloo processes on CPU (DDP) vs one process accumulating the same two micro-batches, two steps: the
+    student in final/ and the teacher module in teacher_adapter/ agree (the module is not DDP-wrapped: its gradients
+    are all-reduced by okd.py; without that each rank would step on its own half batch)."""
+    from safetensors.torch import load_file
+
+    cfg = okd_config(tmp_path, total_iters=2, batch_size=8, micro_batch_size=4, lr=5e-3, okd_lr=2e-2,
+                     disable_dropout=True)           # dropout masks would differ between ranks
+    overrides = [f"{k}={v}" for k, v in cfg.to_dict().items()
+                 if k not in ("output_dir", "eval_seeds", "resume") and v is not None]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distill_ddp_worker.py")
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt"), *overrides,
+                          f"output_dir={tmp_path / 'one'}"], env=env, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), worker, str(tmp_path / "two.pt"),
+                          *overrides, f"output_dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world size 2" in two.stdout
+    for sub, name in (("final", "model.safetensors"), ("teacher_adapter", "adapter_model.safetensors")):
+        w1, w2 = load_file(str(tmp_path / "one" / sub / name)), load_file(str(tmp_path / "two" / sub / name))
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4, msg=f"{sub}: {k}")
+    lora_b = [v for k, v in load_file(str(tmp_path / "one" / "teacher_adapter" / "adapter_model.safetensors")).items()
+              if "lora_B" in k]
+    assert lora_b and all(float(v.abs().max()) > 1e-3 for v in lora_b)      # the module moved from its zero init
 
 
 # ----------------------------------------------------------------------------------------------------------------------

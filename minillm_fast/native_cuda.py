@@ -56,13 +56,18 @@ def source_dir() -> Path:
                                f"{here.parent / 'csrc'}; reinstall minillm-fast from a complete source tree")
 
 
-def find_nvcc() -> Optional[str]:
-    """nvcc of the toolkit torch would build with (``CUDA_HOME``), else the one on PATH, else None."""
+def _torch_cuda_home() -> Optional[str]:
+    """The toolkit torch's extension builder compiles with (torch.utils.cpp_extension.CUDA_HOME), or None."""
     try:
         from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
-        CUDA_HOME = None
-    for home in (CUDA_HOME, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        return None
+    return CUDA_HOME
+
+
+def find_nvcc() -> Optional[str]:
+    """nvcc of the toolkit torch would build with (``CUDA_HOME``), else the one on PATH, else None."""
+    for home in (_torch_cuda_home(), os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if home and (Path(home) / "bin" / "nvcc").is_file():
             return str(Path(home) / "bin" / "nvcc")
     return shutil.which("nvcc")
@@ -80,11 +85,17 @@ def _check_toolchain() -> None:
     if not torch.cuda.is_available():
         raise NativeCudaBuildError("the native CUDA kernels need a visible CUDA device, and torch.cuda.is_available() "
                                    "is False (driver missing, CUDA_VISIBLE_DEVICES empty?); use backend='torch'")
-    if find_nvcc() is None:
+    home = _torch_cuda_home()
+    if not home or not (Path(home) / "bin" / "nvcc").is_file():
+        nvcc = find_nvcc()
+        if nvcc is None:
+            raise NativeCudaBuildError(
+                f"the native CUDA kernels are compiled on first use with nvcc, which was not found: install the CUDA "
+                f"toolkit {torch.version.cuda} (the version torch was built with; conda: conda install "
+                f"cuda-nvcc={torch.version.cuda}) and set CUDA_HOME to it; or use backend='triton'")
         raise NativeCudaBuildError(
-            f"the native CUDA kernels are compiled on first use with nvcc, which was not found: install the CUDA "
-            f"toolkit {torch.version.cuda} (the version torch was built with; conda: conda install "
-            f"cuda-nvcc={torch.version.cuda}) and set CUDA_HOME to it; or use backend='triton'")
+            f"found {nvcc}, but torch's extension builder sees no CUDA toolkit there (CUDA_HOME={home!r}): set "
+            "CUDA_HOME to the toolkit's root (the folder holding bin/nvcc and include/) before starting Python")
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         raise NativeCudaBuildError(f"the native CUDA kernels need a host C++ compiler, and {cxx!r} was not found: "

@@ -35,7 +35,7 @@ import pytest
 import torch
 
 from helpers import STUDENT, Result, assert_within_budget, ground_truth_and_naive, make_inputs
-from minillm_fast import chunked, divergences, native_cuda, reference
+from minillm_fast import chunked, divergences, native_cuda
 from minillm_fast.chunked import DivergenceConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,8 +155,13 @@ def test_cpu_only_torch_is_explained(monkeypatch, fresh_loader):
 def test_missing_nvcc_is_explained(monkeypatch, fresh_loader):
     monkeypatch.setattr(torch.version, "cuda", "12.4")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(native_cuda, "_torch_cuda_home", lambda: None)
     monkeypatch.setattr(native_cuda, "find_nvcc", lambda: None)
     with pytest.raises(native_cuda.NativeCudaBuildError, match="nvcc, which was not found.*CUDA toolkit 12.4"):
+        native_cuda.load()
+    native_cuda._load.cache_clear()
+    monkeypatch.setattr(native_cuda, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    with pytest.raises(native_cuda.NativeCudaBuildError, match="set CUDA_HOME"):
         native_cuda.load()
 
 

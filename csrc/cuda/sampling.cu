@@ -8,7 +8,8 @@
 //                              log q(y) = (s_y - m_s) - log l_s, log p(y) and log m(y) = log(alpha p(y) + (1 - alpha)
 //                              q(y)). Without a teacher it samples q and skips the teacher's row.
 // rollout_statistics_rows_kernel   the same sweep with the reverse-KL accumulator of divergence_rows.cu's first
-//                              sweep: log q(y), log p(y) of given tokens and KL(q || p) = acc / l_s - log l_s + log l_t.
+//                              sweep: log q(y), log p(y) of given tokens and
+//                              KL(q || p) = acc / l_s - log l_s + log l_t.
 //
 // Threads per row, dtypes and outputs as in divergence_rows.cu (launchers.h). No gradients: rollouts are data.
 

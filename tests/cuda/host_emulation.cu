@@ -87,19 +87,17 @@ int divergence_dispatch_kind(void* zs, void* zt, int64_t ld_s, int64_t ld_t, int
   auto* rg = static_cast<const A*>(row_grad);
   auto* pl = static_cast<A*>(loss);
   auto* pst = static_cast<A*>(stats);
+#define MINILLM_RUN(K) divergence_rows_host<S, K>(ps, pt, ld_s, ld_t, C, V, rg, c, grad_s, grad_t, pl, pst); break
   switch (kind) {
-    case REVERSE_KL: divergence_rows_host<S, REVERSE_KL>(ps, pt, ld_s, ld_t, C, V, rg, c, grad_s, grad_t, pl, pst); break;
-    case FORWARD_KL: divergence_rows_host<S, FORWARD_KL>(ps, pt, ld_s, ld_t, C, V, rg, c, grad_s, grad_t, pl, pst); break;
-    case JSD: divergence_rows_host<S, JSD>(ps, pt, ld_s, ld_t, C, V, rg, c, grad_s, grad_t, pl, pst); break;
-    case TVD: divergence_rows_host<S, TVD>(ps, pt, ld_s, ld_t, C, V, rg, c, grad_s, grad_t, pl, pst); break;
-    case SKEW_FORWARD_KL:
-      divergence_rows_host<S, SKEW_FORWARD_KL>(ps, pt, ld_s, ld_t, C, V, rg, c, grad_s, grad_t, pl, pst);
-      break;
-    case SKEW_REVERSE_KL:
-      divergence_rows_host<S, SKEW_REVERSE_KL>(ps, pt, ld_s, ld_t, C, V, rg, c, grad_s, grad_t, pl, pst);
-      break;
+    case REVERSE_KL: MINILLM_RUN(REVERSE_KL);
+    case FORWARD_KL: MINILLM_RUN(FORWARD_KL);
+    case JSD: MINILLM_RUN(JSD);
+    case TVD: MINILLM_RUN(TVD);
+    case SKEW_FORWARD_KL: MINILLM_RUN(SKEW_FORWARD_KL);
+    case SKEW_REVERSE_KL: MINILLM_RUN(SKEW_REVERSE_KL);
     default: return 1;
   }
+#undef MINILLM_RUN
   return 0;
 }
 

@@ -7,19 +7,22 @@ native.native_rows), with the ``chunked.RowsFn`` signature. The rollout-time row
 sampler's Philox counters) and :func:`cuda_rollout_statistics_rows`. Sources: ``csrc/cuda/divergence_rows.cu``,
 ``sampling.cu`` (kernels and launchers, CUDA headers only) and ``bindings.cpp`` (ATen wrappers).
 
-Loading. :func:`load` compiles the sources with ``torch.utils.cpp_extension.load`` (nvcc, the host C++ compiler and
-ninja; a minute or two, printing one line first) into torch's extensions cache (``TORCH_EXTENSIONS_DIR``, default
-``~/.cache/torch_extensions/<python>_<cuda>``), where later processes find it in about a second. It needs a CUDA
-build of torch (``torch.version.cuda`` set), a visible GPU and a CUDA toolkit (``nvcc`` under ``CUDA_HOME`` or on
-``PATH``); otherwise it raises :class:`NativeCudaBuildError` saying which is missing and what to do. The kernels are
-compiled for the visible GPUs' architectures, or for ``TORCH_CUDA_ARCH_LIST`` when it is set (as every torch JIT
-extension). :func:`is_available` / :func:`build_error` report the outcome; the build is tried once per process.
+Loading. :func:`load` imports ``minillm_fast._native_cuda`` where an ahead-of-time build installed it (setup.py
+does not build it yet: see :func:`extension_kwargs`); otherwise it compiles the sources with
+``torch.utils.cpp_extension.load`` (nvcc, the host C++ compiler and ninja; a minute or two, printing one line first)
+into torch's extensions cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions/<python>_<cuda>``), where
+later processes find it in about a second. It needs a CUDA build of torch (``torch.version.cuda`` set), a visible GPU
+and a CUDA toolkit (``nvcc`` under torch's ``CUDA_HOME``); otherwise it raises :class:`NativeCudaBuildError` saying
+which is missing and what to do. The kernels are compiled for the visible GPUs' architectures, or for
+``TORCH_CUDA_ARCH_LIST`` when it is set (as every torch JIT extension). :func:`is_available` / :func:`build_error`
+report the outcome; the build is tried once per process.
 
 This module imports nothing from the package except native.py's error class (setup.py may load it by path).
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import shutil
 import sys
@@ -30,7 +33,8 @@ import torch
 
 SOURCES = ("cuda/bindings.cpp", "cuda/divergence_rows.cu", "cuda/sampling.cu")
 HEADERS = ("cuda/common.cuh", "cuda/divergence_rows.cuh", "cuda/sampling.cuh", "cuda/launchers.h")
-MODULE_NAME = "minillm_fast_native_cuda"
+MODULE_NAME = "minillm_fast_native_cuda"  # the JIT build's
+PREBUILT_NAME = "_native_cuda"  # an ahead-of-time build's, inside the package
 # torch adds its COMMON_NVCC_FLAGS (no implicit half conversions: the kernels convert explicitly) and the -gencode
 # flags of the target GPUs. Never --use_fast_math: the kernels rely on the accurate expf / logf / tanhf.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
@@ -117,8 +121,9 @@ def _needs_compile(sources: list[str]) -> bool:
 
 
 def extension_kwargs(root: Optional[Path] = None) -> dict:
-    """Sources (relative to ``root``, default the source dir) and flags, for ``CUDAExtension`` in an ahead-of-time
-    build (setup.py) as for the JIT build below."""
+    """Sources (under ``root``, default the source dir; setup.py passes the relative ``Path("csrc")``) and flags, for
+    the JIT build below and for an ahead-of-time one:
+    ``CUDAExtension(f"minillm_fast.{PREBUILT_NAME}", **extension_kwargs(Path("csrc")))``."""
     src = source_dir() if root is None else root
     return dict(sources=[str(src / s) for s in SOURCES], include_dirs=[str(src / "cuda")],
                 extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)})
@@ -141,9 +146,22 @@ def _jit_build():
                                    "Use backend='triton' (or 'torch') meanwhile.") from e
 
 
+def _import_prebuilt():
+    """``minillm_fast._native_cuda`` if an ahead-of-time build installed it (setup.py, see extension_kwargs), or
+    None."""
+    try:
+        return importlib.import_module(f"minillm_fast.{PREBUILT_NAME}")
+    except ImportError:
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
     """The extension module, or the NativeCudaBuildError saying why there is none (tried once per process)."""
+    if torch.version.cuda is not None and torch.cuda.is_available():
+        mod = _import_prebuilt()
+        if mod is not None:
+            return mod
     try:
         return _jit_build()
     except NativeCudaBuildError as e:

@@ -52,7 +52,7 @@ ext_modules, cmdclass = _native_extensions() if os.environ.get("MINILLM_FAST_BUI
 setup(
     packages=find_packages(include=["minillm_fast", "minillm_fast.*"]) + ["minillm_fast.kernels", "minillm_fast.csrc"],
     package_dir={"minillm_fast": "minillm_fast", "minillm_fast.kernels": "kernels", "minillm_fast.csrc": "csrc"},
-    package_data={"minillm_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
+    package_data={"minillm_fast.csrc": ["*.cpp", "*.cu", "*.h", "cuda/*.cpp", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -3,14 +3,18 @@
 | backend  | runs on                                    | what it is                                                 |
 | -------- | ------------------------------------------ | ---------------------------------------------------------- |
 | triton   | CUDA tensors; CPU with TRITON_INTERPRET=1  | fused Triton kernels (kernels/)                            |
-| native   | CPU tensors (CUDA kernels not written yet) | the csrc/ C++ extension, compiled on first use (native.py) |
+| native   | CPU tensors (1)                            | the csrc/ C++ extension, compiled on first use (native.py) |
 | torch    | any device                                 | chunked pure PyTorch: memory bounded by the chunk          |
+
+(1) The CUDA row kernels of csrc/cuda (minillm_fast/native_cuda.py) compile, but have not run on a GPU yet, so
+``native`` does not dispatch to them.
 
 ``auto`` picks triton for CUDA tensors when Triton is importable, else torch; CPU tensors get native (its rows function
 is ~10x faster than torch's; end to end, forward + backward of the reverse KL at N=512, H=256, V=8192 fp32, it
 measured 1.15x the matmul floor against torch's 1.9-2.2x), and torch, with a one-time warning, where the extension
-cannot be built. A backend asked for by name that cannot run raises an error saying why and
-what to install or set.
+cannot be built. The token log-prob and rollout ops follow that choice for the ops listed in
+``minillm_fast.ops.token_logprobs.NATIVE_AUTO_OPS`` (all of them: each measured faster on native than on torch).
+A backend asked for by name that cannot run raises an error saying why and what to install or set.
 """
 from __future__ import annotations
 
@@ -91,8 +95,9 @@ def _native_for_auto() -> bool:
 
 def _check_native(device: torch.device) -> None:
     if device.type != "cpu":
-        raise RuntimeError(f"backend='native' runs on CPU tensors only so far (its CUDA kernels are not written yet), "
-                           f"got {device}; use backend='triton' (or 'torch') there")
+        raise RuntimeError(f"backend='native' runs on CPU tensors only so far (its CUDA row kernels, csrc/cuda and "
+                           f"minillm_fast/native_cuda.py, compile but have not run on a GPU yet, so they are not "
+                           f"dispatched to), got {device}; use backend='triton' (or 'torch') there")
     from . import native
 
     if not native.is_available():

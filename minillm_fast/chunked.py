@@ -82,9 +82,15 @@ def triton_rows(zs, zt, row_grad, cfg: DivergenceConfig, grad_s: bool, grad_t: b
                                             **cfg.kernel_args)
 
 
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Logits ``[C, V]`` of one chunk in fp32 (fp64 for fp64 inputs). ``out``: a preallocated buffer of that dtype,
+    written by the matmul itself when the inputs already have it (no temporary, no copy)."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    if out is not None and h.dtype == acc:
+        return torch.mm(h, w.T, out=out) if b is None else torch.addmm(b, h, w.T, out=out)
     z = h @ w.T if b is None else torch.addmm(b, h, w.T)
-    return z.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+    return z.to(acc)
 
 
 class _HeadGrads:
@@ -141,10 +147,17 @@ def run(hs, ws, bs, ht, wt, bt, cfg: DivergenceConfig, *, rows_fn: RowsFn, chunk
     ws_v, wt_v = ws[:v], wt[:v]
     bs_v = None if bs is None else bs[:v]
     bt_v = None if bt is None else bt[:v]
+    # Two logits buffers for the whole sweep: every chunk's matmuls write into them (the rows functions may
+    # overwrite them in place), so the peak is two [C, V] buffers, not the three of a fresh allocation per chunk
+    # (the next chunk's logits allocated while the last one's are still referenced).
+    c = min(chunk_size, n)
+    buf_s = torch.empty(c, v, dtype=f, device=hs.device) if hs.dtype == f else None
+    buf_t = torch.empty(c, v, dtype=f, device=hs.device) if ht.dtype == f else None
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        zs = _chunk_logits(hs[rows], ws_v, bs_v)
-        zt = _chunk_logits(ht[rows], wt_v, bt_v)
+        m = rows.stop - rows.start
+        zs = _chunk_logits(hs[rows], ws_v, bs_v, None if buf_s is None else buf_s[:m])
+        zt = _chunk_logits(ht[rows], wt_v, bt_v, None if buf_t is None else buf_t[:m])
         rg = None if row_grad is None else row_grad[rows]
         l_c, st_c, g_s, g_t = rows_fn(zs, zt, rg, cfg, student.any, teacher.any)
         if want_loss:

@@ -21,14 +21,28 @@ from ..divergences import Divergence
 STRATEGIES = ("auto", "chunked", "tiled")
 # Bytes of chunk temporaries the chunked strategy may hold (MINILLM_FAST_CHUNK_BYTES overrides).
 DEFAULT_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
-# fp32 [C, V] temporaries alive at once per chunk row: the torch rows function keeps about a dozen, the Triton row
-# kernel and the native rows function work in place on the two logits buffers (plus the matmul output being cast).
-_TEMPS_PER_ROW = {"torch": 12, "triton": 3, "native": 3}
+# [C, V] temporaries (fp32, fp64 for fp64 inputs) alive at once per chunk row: the torch rows function keeps about a
+# dozen; the Triton row kernel and the native rows function work in place on the two logits buffers, which
+# chunked.run allocates once for fp32/fp64 inputs; half-precision inputs add the matmul's output and its cast.
+_TEMPS_PER_ROW = {"torch": 12, "triton": 2, "native": 2}
+_CAST_TEMPS = 2
 
 
-def default_chunk_rows(n_rows: int, vocab: int, device: torch.device, backend: str) -> int:
-    budget = int(os.environ.get("MINILLM_FAST_CHUNK_BYTES", DEFAULT_CHUNK_BYTES.get(device.type, 1 << 30)))
-    per_row = vocab * 4 * _TEMPS_PER_ROW.get(backend, 12)
+def default_chunk_rows(n_rows: int, vocab: int, device: torch.device, backend: str,
+                       dtype: torch.dtype = torch.float32, head_grad_bytes: int = 0) -> int:
+    """Rows per chunk so that the chunk temporaries fit MINILLM_FAST_CHUNK_BYTES when set, else the larger of
+    DEFAULT_CHUNK_BYTES and ``head_grad_bytes`` (the size of the fp32 head gradient the chunks accumulate into).
+
+    Why the second term: every chunk reads and writes the whole ``[V, H]`` head gradient once (its ``addmm_``), so
+    chunks whose logits are much smaller than that gradient spend their time streaming it. Logits about as large as
+    the gradient keep that traffic a small part of the chunk's matmuls, for at most the memory of the gradient the
+    caller holds anyway (measured on CPU at N=512, H=1024/2048, V=128256: 128 MiB chunks 1.33x the floor, 1.27x
+    for Liger's chunked loss; chunks of the 512 MiB gradient's size are faster, see bench/README.md)."""
+    env = os.environ.get("MINILLM_FAST_CHUNK_BYTES")
+    budget = int(env) if env else max(DEFAULT_CHUNK_BYTES.get(device.type, 1 << 30), head_grad_bytes)
+    full = dtype in (torch.float32, torch.float64)
+    temps = _TEMPS_PER_ROW.get(backend, 12) + (0 if full else _CAST_TEMPS)
+    per_row = vocab * (8 if dtype == torch.float64 else 4) * temps
     return max(1, min(n_rows, budget // per_row))
 
 
@@ -241,7 +255,8 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     if strategy == "auto":
         strategy = "chunked"
     if chunk_size is None:
-        chunk_size = default_chunk_rows(hs.shape[0], vocab, hs.device, name)
+        grad_w = sum(w[:vocab].numel() * 4 for w in (ws, wt) if w.requires_grad)
+        chunk_size = default_chunk_rows(hs.shape[0], vocab, hs.device, name, hs.dtype, head_grad_bytes=grad_w)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
 

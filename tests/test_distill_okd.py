@@ -75,6 +75,16 @@ def test_losses_fall_and_only_the_lora_parameters_move(tmp_path, arch, targets):
     assert got.keys() == want.keys()
     assert all(torch.equal(got[n], want[n]) for n in want)
 
+    # validation compares the student with the original teacher (adapter off), as every method's does
+    ev = tr.evaluate()
+    adapted = Trainer.evaluate(tr)                               # the unwrapped evaluate: adapter on
+    assert abs(adapted["eval/kd"] - ev["eval/kd"]) > 1e-3
+    with torch.no_grad():
+        for n, p in tr.teacher.named_parameters():
+            if "lora_B" in n:
+                p.zero_()                                        # the adapter is now the identity
+    assert Trainer.evaluate(tr)["eval/kd"] == pytest.approx(ev["eval/kd"], rel=1e-5)
+
 
 class Interrupt(Exception):
     pass

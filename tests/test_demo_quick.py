@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 ROWS = ("teacher", "sft", "kd", "seqkd", "minillm", "minillm_no_length_norm", "minillm_no_teacher_mix",
-        "minillm_no_single_step")
+        "minillm_no_single_step", "okd")
 NUMBER_PM = re.compile(r"^(\d+\.\d+) ± (\d+\.\d+)$")
 
 
@@ -52,6 +52,8 @@ def test_report_table_has_a_row_per_method_with_numbers(demo_run):
         assert m, f"{name}: test Rouge-L cell {row['test Rouge-L']!r} is not 'mean ± std'"
         assert 0.0 <= float(m.group(1)) <= 100.0
         assert NUMBER_PM.match(row["test exact match"]), row
+        if name != "teacher":                               # the students' training time (the teacher may be cached)
+            assert float(row["train time (s)"]) > 0, row
 
 
 def test_terminal_ends_with_the_table(demo_run):
@@ -90,6 +92,8 @@ def test_runs_use_the_distill_configs_and_ablation_switches(demo_run):
         resolved[name] = cfg
     assert resolved["teacher"]["method"] == "sft" and resolved["sft"]["method"] == "sft"
     assert resolved["kd"]["method"] == "kd" and resolved["seqkd"]["method"] == "seqkd"
+    assert resolved["okd"]["method"] == "okd" and resolved["okd"]["student"] == resolved["kd"]["student"]
+    assert (out / "runs" / "okd" / "teacher_adapter" / "adapter_config.json").exists()
     base = resolved["minillm"]
     assert base["method"] == "minillm" and base["length_norm"] and base["single_step"] and base["alpha"] == 0.2
     for name, flips in expected.items():
@@ -113,6 +117,6 @@ def test_eval_splits_carry_every_reference(demo_run):
 def test_timings_are_recorded(demo_run):
     out, _ = demo_run
     timings = json.loads((out / "timings.json").read_text())
-    for stage in ("data", "tokenizer", "init", "teacher", "sft", "minillm", "eval_teacher", "total (wall)"):
+    for stage in ("data", "tokenizer", "init", "teacher", "sft", "minillm", "okd", "eval_teacher", "total (wall)"):
         assert stage in timings and timings[stage]["seconds"] >= 0.0, stage
     assert "## Timing" in (out / "report.md").read_text()

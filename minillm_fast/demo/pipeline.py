@@ -14,7 +14,8 @@ init       the teacher and the student built from ``configs`` (``build_model``; 
            0.2M parameters, for both schedules: the default 5M teacher does not become good on a CPU in the
            budget), saved with the tokenizer
 teacher    SFT of the teacher (``minillm-fast distill``; best checkpoint by validation Rouge-L)
-students   SFT, KD and SeqKD of the student (best by validation Rouge-L, as the reference selects baselines); MiniLLM
+students   SFT, KD, SeqKD and OKD of the student (best by validation Rouge-L, as the reference selects baselines; OKD
+           trains a LoRA module on the teacher along with the student, distill/okd.py); MiniLLM
            initialised from the SFT checkpoint of lowest validation loss (paper, appendix B.1), and its three
            ablations: ``length_norm=false``, ``alpha=0``, ``single_step=false``
 eval       every model on the test split, seeds 10 20 30 40 50 (``minillm-fast evaluate``: sampling at temperature
@@ -29,8 +30,9 @@ most 2) with ``--threads`` each (default 1), in dependency order, longest first;
 job waits for (SFT too: the teacher scores its validation samples), runs alone with all the threads (on 2 free
 cores, 2 threads made its steps 1.7x faster; two processes with 2 threads each on 2 cores were 1.5-3x slower than
 with one, OpenMP spin-waiting). The full demo took 13 minutes (781 s, ``--fresh``) on the 2-core development
-machine (AMD EPYC); a second run reuses the cached teacher (about 4 minutes of it). The C++ extension of the fused
-ops compiles once per machine first (about a minute).
+machine (AMD EPYC) before OKD was added; the OKD run is about 3.5 more minutes of one core (measured alone). A second
+run reuses the cached teacher (about 4 minutes of it). The C++ extension of the fused ops compiles once per machine
+first (about a minute).
 
 Caching: the data, the tokenizer, the initial models, the teacher (with its SeqKD responses and its test evaluation)
 are reused by the next run when the settings that made them are unchanged (``cache.json`` records them); ``--fresh``
@@ -65,6 +67,7 @@ METHODS = (
     ("minillm_no_length_norm", "MiniLLM w/o length norm."),
     ("minillm_no_teacher_mix", "MiniLLM w/o teacher-mixed sampling"),
     ("minillm_no_single_step", "MiniLLM w/o single-step term"),
+    ("okd", "OKD"),
 )
 MINILLM_ABLATIONS = {
     "minillm": {},
@@ -89,6 +92,7 @@ class Schedule:
     kd: Dict[str, object] = field(default_factory=dict)
     seqkd: Dict[str, object] = field(default_factory=dict)
     minillm: Dict[str, object] = field(default_factory=dict)
+    okd: Dict[str, object] = field(default_factory=dict)
     eval_batch_size: int = 100
     seeds: Sequence[int] = (10, 20, 30, 40, 50)
 
@@ -109,6 +113,7 @@ FULL = Schedule(
     seqkd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100, rollout_batch_size=100),
     minillm=dict(batch_size=16, num_rollouts=64, rollout_batch_size=64, ppo_epochs=2, total_iters=160, lr=5e-4,
                  warmup_steps=8, eval_interval=32, pt_batch_size=8),
+    okd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
 )
 
 QUICK = Schedule(
@@ -124,6 +129,7 @@ QUICK = Schedule(
                rollout_batch_size=48),
     minillm=dict(batch_size=8, num_rollouts=8, rollout_batch_size=8, ppo_epochs=1, total_iters=2, lr=5e-4,
                  warmup_steps=1, eval_interval=1, pt_batch_size=4),
+    okd=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15),
     eval_batch_size=20,
 )
 
@@ -530,6 +536,9 @@ def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False
         job_list.append(distill_job(name, dict(sched.minillm, method="minillm", student=str(sft_init),
                                                teacher=teacher, pt_data=str(pt_path), **overrides),
                                     ["teacher", "sft"], 50.0))
+    # OKD starts from the same initial student as KD (no SFT phase, no sampling)
+    job_list.append(distill_job("okd", dict(sched.okd, method="okd", student=student, teacher=teacher), ["teacher"],
+                                60.0))
     job_list.append(eval_job("teacher", teacher_dir, ["teacher"], 15.0, cached=teacher_eval_cached,
                              after=lambda: cache.store("eval_teacher", eval_key)))
     for name, _ in METHODS[1:]:
@@ -576,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="minillm-fast demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The built-in default job: generate an instruction data set and a tokenizer, train a small "
-                    "teacher, distil students with SFT, KD, SeqKD and MiniLLM (and MiniLLM's three ablations), "
+                    "teacher, distil students with SFT, KD, SeqKD, MiniLLM (and MiniLLM's three ablations) and OKD, "
                     "evaluate everything over 5 seeds and write a report. No download; minutes on a CPU.",
         epilog="Outputs: OUT/report.md (table, plots, timings), OUT/runs/<method>/ (distill run directories), "
                "OUT/eval/<method>/results.{json,md}, OUT/configs/*.yaml, OUT/logs/*.log.")

@@ -522,7 +522,7 @@ if hasattr(minillm_fast, "mixture_sample") and hasattr(reference, "mixture_probs
         modes=("fwd",),
         impls=[Impl("naive", _sample_naive, note=lambda opts: "reference.mixture_probs + torch.multinomial"),
                _sample_ours("torch"), _sample_ours("native"), _sample_ours("triton"),
-               _sample_student_only("torch"), _sample_student_only("triton")],
+               _sample_student_only("torch"), _sample_student_only("native"), _sample_student_only("triton")],
     ))
 
 

@@ -25,6 +25,7 @@ def _runs_here(backend: str) -> bool:
 
 
 BACKENDS = [b for b in SUPPORTED_BACKENDS if _runs_here(b)]
+CHUNKED = [b for b in ("torch", "native") if b in BACKENDS]  # the token-chunked backends (chunk_size, float64)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -101,19 +102,21 @@ def test_half_precision(backend, gen):
     check(backend, x, tokens_for(gen, (37,), 131), alpha=0.2)
 
 
-def test_float64_torch_backend(gen):
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_float64(backend, gen):
     x = make_inputs(gen, n=17, hs=24, ht=40, v=131, bias=True, dtype=torch.float64)
     tokens = tokens_for(gen, (17,), 131)
-    impl = call(rollout_statistics, x, tokens, backend="torch", alpha=0.3)
-    truth = call(reference.rollout_statistics, x, tokens, alpha=0.3)
+    impl = call(rollout_statistics, x, tokens, backend=backend, alpha=0.3, softcap=6.0)
+    truth = call(reference.rollout_statistics, x, tokens, alpha=0.3, softcap=6.0)
     for name, got, t in zip(RolloutStatistics._fields, impl, truth):
         assert got.dtype == torch.float64 and max_err(got, t) < 1e-10, name
 
 
+@pytest.mark.parametrize("backend", CHUNKED)
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
-def test_torch_chunk_sizes(chunk_size, gen):
+def test_chunk_sizes(backend, chunk_size, gen):
     x = make_inputs(gen, n=23, hs=24, ht=40, v=131, bias=True)
-    check("torch", x, tokens_for(gen, (23,), 131), alpha=0.2, chunk_size=chunk_size, softcap=4.0)
+    check(backend, x, tokens_for(gen, (23,), 131), alpha=0.2, chunk_size=chunk_size, softcap=4.0)
 
 
 def test_same_as_the_separate_ops(backend, gen):
@@ -181,9 +184,10 @@ def test_bad_arguments(what, gen):
         call(rollout_statistics, x, tokens, **kwargs)
 
 
-def test_custom_op_opcheck(gen):
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_custom_op_opcheck(backend, gen):
     x = make_inputs(gen, n=6, hs=8, ht=12, v=20, bias=True)
     tokens = tokens_for(gen, (6,), 20)
     args = (x["student_hidden"], x["student_weight"], x["student_bias"], x["teacher_hidden"], x["teacher_weight"],
-            x["teacher_bias"], tokens, 0.2, 0.9, 3.0, 20, "torch", 4)
+            x["teacher_bias"], tokens, 0.2, 0.9, 3.0, 20, backend, 4)
     torch.library.opcheck(torch.ops.minillm_fast.rollout_statistics.default, args)

@@ -31,6 +31,7 @@ def _runs_here(backend: str) -> bool:
 
 
 BACKENDS = [b for b in SUPPORTED_BACKENDS if _runs_here(b)]
+CHUNKED = [b for b in ("torch", "native") if b in BACKENDS]  # the token-chunked backends (chunk_size)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -189,6 +190,28 @@ def test_triton_draw_independent_of_tiling(gen):
     assert torch.equal(big.tokens[:40], small.tokens)
 
 
+@pytest.mark.skipif("native" not in BACKENDS, reason="native backend not available")
+def test_native_draw_independent_of_chunking_and_threads(gen):
+    """The native draw of a row depends only on (seed, row) and the row's logits: the same tokens whatever the chunk
+    size and the number of threads (parallel_for splits the rows of a chunk over the threads). The log-probs agree to
+    the rounding of the logits, which BLAS may compute in another order for another chunk shape (the row kernel
+    itself is bitwise independent of both: test_native_ops.py)."""
+    x = make_inputs(gen, n=300, hs=8, ht=12, v=200)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = draw(x, generator=seeded(4), backend="native", chunk_size=300)
+        torch.set_num_threads(2)
+        two = draw(x, generator=seeded(4), backend="native", chunk_size=300)
+        chunked = draw(x, generator=seeded(4), backend="native", chunk_size=7)
+    finally:
+        torch.set_num_threads(before)
+    for other in (two, chunked):
+        assert torch.equal(one.tokens, other.tokens)
+        for f in MixtureSample._fields[1:]:
+            torch.testing.assert_close(getattr(other, f), getattr(one, f), rtol=1e-5, atol=1e-5, msg=f)
+
+
 def test_one_hot_rows_give_the_argmax(backend, gen):
     x = make_inputs(gen, lead=(3, 4), hs=8, ht=12, v=131, logit_std=1e4)
     for alpha, side in ((0.0, "student"), (1.0, "teacher")):
@@ -256,11 +279,12 @@ def test_bad_arguments(what, gen):
             draw(x, **kwargs)
 
 
-def test_custom_op_opcheck(gen):
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_custom_op_opcheck(backend, gen):
     x = make_inputs(gen, n=6, hs=8, ht=12, v=20, bias=True)
     seed = torch.tensor([12345], device=DEVICE)
     args = (x["student_hidden"], x["student_weight"], x["student_bias"], x["teacher_hidden"], x["teacher_weight"],
-            x["teacher_bias"], seed, 0.2, 0.9, 3.0, 20, "torch", 4)
+            x["teacher_bias"], seed, 0.2, 0.9, 3.0, 20, backend, 4)
     torch.library.opcheck(torch.ops.minillm_fast.mixture_sample.default, args)
-    single = (x["student_hidden"], x["student_weight"], None, None, None, None, seed, 0.0, 1.0, 0.0, 20, "torch", 4)
+    single = (x["student_hidden"], x["student_weight"], None, None, None, None, seed, 0.0, 1.0, 0.0, 20, backend, 4)
     torch.library.opcheck(torch.ops.minillm_fast.mixture_sample.default, single)

@@ -23,6 +23,8 @@ def _runs_here(backend: str) -> bool:
 
 
 BACKENDS = [b for b in SUPPORTED_BACKENDS if _runs_here(b)]
+# the token-chunked backends (chunk_size, float64)
+CHUNKED = [b for b in ("torch", "native") if b in BACKENDS]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -175,24 +177,28 @@ def test_half_precision(backend, dtype, gen):
     check(backend, hidden, weight, bias, targets, up_lp=randn(gen, 37), up_ent=randn(gen, 37))
 
 
-def test_float64_torch_backend(gen):
+@pytest.mark.parametrize("backend", CHUNKED)
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["plain", "softcap"])
+def test_float64(backend, softcap, gen):
     """float64 in, float64 out, equal to the reference to float64 rounding (the naive error is 0 here, so the
     budget is an absolute tolerance)."""
     hidden, weight, bias = make(gen, (17,), 24, 131, bias=True, dtype=torch.float64)
     targets = labels_with_ignored(gen, (17,), 131)
     up = dict(up_lp=randn(gen, 17, dtype=torch.float64), up_ent=randn(gen, 17, dtype=torch.float64))
-    impl = run(token_logprobs, hidden, weight, bias, targets, backend="torch", **up)
-    truth = run(reference.token_logprobs, hidden, weight, bias, targets, **up)
+    opts = dict(softcap=softcap, temperature=0.7)
+    impl = run(token_logprobs, hidden, weight, bias, targets, backend=backend, **up, **opts)
+    truth = run(reference.token_logprobs, hidden, weight, bias, targets, **up, **opts)
     assert impl["logprobs"].dtype == torch.float64 and impl["grad hidden"].dtype == torch.float64
     for name in impl:
         assert max_err(impl[name], truth[name]) < 1e-10, name
 
 
+@pytest.mark.parametrize("backend", CHUNKED)
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
-def test_torch_chunk_sizes(chunk_size, gen):
+def test_chunk_sizes(backend, chunk_size, gen):
     hidden, weight, bias = make(gen, (23,), 24, 131, bias=True)
     targets = labels_with_ignored(gen, (23,), 131)
-    check("torch", hidden, weight, bias, targets, up_lp=randn(gen, 23), up_ent=randn(gen, 23),
+    check(backend, hidden, weight, bias, targets, up_lp=randn(gen, 23), up_ent=randn(gen, 23),
           chunk_size=chunk_size, softcap=4.0)
 
 
@@ -260,25 +266,27 @@ def test_bad_arguments(what, gen):
 # ----------------------------------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------------------------------
-def test_custom_ops_opcheck(gen):
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_custom_ops_opcheck(backend, gen):
     """Schema, fake (meta) implementations and autograd registration of the forward and backward ops."""
     hidden, weight, bias = make(gen, (6,), 8, 20, bias=True)
     targets = torch.tensor([0, 3, -100, 19, 5, 5], device=DEVICE)
-    fwd_args = (hidden, weight, bias, targets, 0.7, 2.0, 20, -100, True, "torch", 4)
+    fwd_args = (hidden, weight, bias, targets, 0.7, 2.0, 20, -100, True, backend, 4)
     torch.library.opcheck(torch.ops.minillm_fast.token_logprobs_fwd.default, fwd_args)
     _, ent, stats = torch.ops.minillm_fast.token_logprobs_fwd(*fwd_args)
     g = randn(gen, 6)
-    bwd_args = (hidden, weight, bias, targets, stats, ent, g, g, 0.7, 2.0, 20, -100, "torch", 4, [True, True, True])
+    bwd_args = (hidden, weight, bias, targets, stats, ent, g, g, 0.7, 2.0, 20, -100, backend, 4, [True, True, True])
     torch.library.opcheck(torch.ops.minillm_fast.token_logprobs_bwd.default, bwd_args)
 
 
-def test_torch_compile(gen):
+@pytest.mark.parametrize("backend", CHUNKED)
+def test_torch_compile(backend, gen):
     """The op traces under torch.compile (fake implementations) and gives the eager values and gradients."""
     hidden, weight, _ = make(gen, (2, 5), 8, 20)
     targets = torch.randint(0, 20, (2, 5), generator=gen).to(DEVICE)
 
     def f(h, w):
-        lp, ent = token_logprobs(h, w, targets, return_entropy=True, backend="torch")
+        lp, ent = token_logprobs(h, w, targets, return_entropy=True, backend=backend)
         return lp.sum() + 0.5 * ent.sum()
 
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

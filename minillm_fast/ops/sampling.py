@@ -5,18 +5,21 @@ Eq. 4) and stores, per token, ``log q(y)``, ``log p(y)`` and the importance weig
 (DESIGN.md section 3). These ops make those from hidden states and lm_head weights in one pass over the vocabulary,
 without ``[N, V]`` logits:
 
-* :func:`mixture_sample`: draw ``y ~ m`` (component coin, then Gumbel-max over that component's logits) and return
+* :func:`mixture_sample`: draw ``y ~ m`` (component coin, then a draw from that component's softmax) and return
   its three log-probs; :func:`sample_tokens`: the same from one model.
 * :func:`rollout_statistics`: the same statistics for given tokens, plus the full-vocabulary ``KL(q || p)``.
 
 Layers: public function (checks, seed) -> ``torch.library`` custom op (``minillm_fast::mixture_sample``,
 ``minillm_fast::rollout_statistics``, with fake implementations for ``torch.compile``) -> backend (``triton``: the
-kernels of kernels/sampling.py; ``torch``: token chunks with the full vocabulary, below).
+kernels of kernels/sampling.py; ``torch``: token chunks with the full vocabulary, below; ``native``: the same
+chunks, each chunk's row work in one C++ pass, csrc/token_stats_cpu.cpp and csrc/sampling_cpu.cpp).
 
 Randomness: the public function draws a 64-bit seed from ``generator`` (the device's default generator when None)
-and hands it to the backend: Triton's Philox on the triton backend, a ``torch.Generator`` seeded with it on the
-torch backend (which reads the seed on the host: one sync on CUDA). The same generator state gives the same tokens on
-the same backend and device; the two backends draw different (equally exact) samples.
+and hands it to the backend: Triton's Philox on the triton backend (Gumbel-max), a ``torch.Generator`` seeded with it
+on the torch backend (Gumbel-max; it reads the seed on the host: one sync on CUDA), Philox4x32-10 keyed by it with
+the row index as counter on the native backend (inverse CDF; the draw of a row depends only on the seed and the row,
+not on the thread count or the chunk size). The same generator state gives the same tokens on the same backend and
+device; the backends draw different (equally exact) samples.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ from torch import Tensor
 from ..checks import (check_bias, check_hidden, check_models, check_positive, check_rows, check_softcap, check_weight,
                       resolve_vocab)
 from ..divergences import _check_unit, _log_mix
-from .token_logprobs import check_token_range, chunk_rows, out_dtype, resolve_backend, scaled_logits, triton_module
+from .. import native
+from .token_logprobs import (ChunkLogits, check_token_range, chunk_rows, out_dtype, resolve_backend, scaled_logits,
+                             triton_module)
 
 _SEED_HIGH = 2 ** 62  # seeds are drawn uniformly from [0, 2^62)
 
@@ -113,6 +118,45 @@ def _torch_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, temperature, softcap, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# native backend (token chunks; the row work of a chunk in C++)
+# ----------------------------------------------------------------------------------------------------------------------
+def _native_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, temperature, softcap, vocab_size, chunk_size):
+    kernels = native.ops()
+    n, f = hs.shape[0], out_dtype(hs)
+    lq_y, lp_y, rkl = (torch.empty(n, dtype=f, device=hs.device) for _ in range(3))
+    y = tokens.long()
+    rows_max = min(chunk_size, n)
+    student, teacher = ChunkLogits(ws, bs, vocab_size, rows_max, f), ChunkLogits(wt, bt, vocab_size, rows_max, f)
+    for rows in _chunks(n, chunk_size):
+        lq_y[rows], lp_y[rows], rkl[rows] = kernels.rollout_statistics_rows(student(hs[rows]), teacher(ht[rows]),
+                                                                            y[rows], temperature, softcap)
+    return lq_y, lp_y, rkl
+
+
+def _native_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, temperature, softcap, vocab_size, chunk_size):
+    """Component coin and inverse-CDF draw per row (csrc/sampling_cpu.cpp), uniforms from Philox4x32-10 keyed by
+    ``seed`` with the global row index as counter."""
+    kernels = native.ops()
+    n, f = hs.shape[0], out_dtype(hs)
+    has_teacher = ht is not None
+    tokens = torch.empty(n, dtype=torch.int64, device=hs.device)
+    lq_y = torch.empty(n, dtype=f, device=hs.device)
+    lp_y = torch.empty(n, dtype=f, device=hs.device) if has_teacher else None
+    rows_max = min(chunk_size, n)
+    student = ChunkLogits(ws, bs, vocab_size, rows_max, f)
+    teacher = ChunkLogits(wt, bt, vocab_size, rows_max, f) if has_teacher else None
+    for rows in _chunks(n, chunk_size):
+        zt = teacher(ht[rows]) if has_teacher else None
+        tok, lq, lp = kernels.mixture_sample_rows(student(hs[rows]), zt, seed, rows.start, alpha, temperature,
+                                                  softcap)
+        tokens[rows] = tok
+        lq_y[rows] = lq
+        if has_teacher:
+            lp_y[rows] = lp
+    return tokens, lq_y, lp_y
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("minillm_fast::rollout_statistics", mutates_args=())
@@ -123,6 +167,8 @@ def _rollout_statistics_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Ten
     opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size)
     if backend == "triton":
         lq, lp, rkl = triton_module("sampling").rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, **opts)
+    elif backend == "native":
+        lq, lp, rkl = _native_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, chunk_size=chunk_size, **opts)
     else:
         lq, lp, rkl = _torch_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, chunk_size=chunk_size, **opts)
     lm = _log_mix(lp, lq, alpha)
@@ -144,6 +190,8 @@ def _sample_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Optional[Tensor
     opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size)
     if backend == "triton":
         tokens, lq, lp = triton_module("sampling").sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, **opts)
+    elif backend == "native":
+        tokens, lq, lp = _native_sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, chunk_size=chunk_size, **opts)
     else:
         tokens, lq, lp = _torch_sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, chunk_size=chunk_size, **opts)
     if lp is None:
@@ -203,7 +251,7 @@ def rollout_statistics(student_hidden: Tensor, student_weight: Tensor, teacher_h
 
     Args:
         student_hidden: ``[..., Hs]`` the student's final hidden states (float32, bfloat16, float16; float64 on the
-            torch backend); student_weight ``[V, Hs]`` its lm_head weight.
+            torch and native backends); student_weight ``[V, Hs]`` its lm_head weight.
         teacher_hidden: ``[..., Ht]`` the teacher's, same leading shape; teacher_weight ``[V, Ht]``.
         tokens: ``[...]`` int token ids in ``[0, vocab_size)`` (checked: one host sync, skipped under
             ``torch.compile``).
@@ -224,7 +272,7 @@ def rollout_statistics(student_hidden: Tensor, student_weight: Tensor, teacher_h
     y = check_rows("tokens", tokens, lead, hs.device, kind="int")
     check_token_range("tokens", y, vocab)
     name = resolve_backend(backend, hs.device, "rollout_statistics")
-    chunk = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name)
+    chunk = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name, hs.dtype)
     with torch.no_grad():
         out = torch.ops.minillm_fast.rollout_statistics(*_detach(hs, ws, bs, ht, wt, bt), y, alpha, temperature, cap,
                                                         vocab, name, chunk)
@@ -239,9 +287,10 @@ def mixture_sample(student_hidden: Tensor, student_weight: Tensor, teacher_hidde
     """Draw one token per row from MiniLLM's rollout mixture ``alpha p + (1 - alpha) q`` (teacher p weighted by
     alpha, student q), exactly and in one pass over the vocabulary, without materialising ``[N, V]`` logits.
 
-    Per row: the teacher component with probability alpha (else the student), then a Gumbel-max draw over that
-    component's scaled logits, while both rows' log-sum-exp are streamed; alpha=0 samples the student alone, alpha=1
-    the teacher alone. In distribution this equals::
+    Per row: the teacher component with probability alpha (else the student), then a draw from that component's
+    softmax (Gumbel-max over its scaled logits on triton and torch, inverse CDF on native), while both rows'
+    log-sum-exp are streamed; alpha=0 samples the student alone, alpha=1 the teacher alone. In distribution this
+    equals::
 
         probs = alpha * softmax(t, -1) + (1 - alpha) * softmax(s, -1)    # minillm_fast.reference.mixture_probs
         tokens = torch.multinomial(probs, 1)[..., 0]
@@ -266,7 +315,7 @@ def mixture_sample(student_hidden: Tensor, student_weight: Tensor, teacher_hidde
     cap = check_softcap(softcap)
     _check_generator(generator)
     name = resolve_backend(backend, hs.device, "mixture_sample")
-    chunk = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name)
+    chunk = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name, hs.dtype)
     seed = _draw_seed(generator, hs.device)
     with torch.no_grad():
         out = torch.ops.minillm_fast.mixture_sample(*_detach(hs, ws, bs, ht, wt, bt), seed, alpha, temperature, cap,
@@ -278,9 +327,9 @@ def sample_tokens(hidden: Tensor, weight: Tensor, *, temperature: float = 1.0,
                   generator: Optional[torch.Generator] = None, bias: Optional[Tensor] = None,
                   vocab_size: Optional[int] = None, softcap: Optional[float] = None, backend: str = "auto",
                   chunk_size: Optional[int] = None) -> TokenSample:
-    """Draw one token per row from ``softmax(softcap(h W^T + b) / T)`` by Gumbel-max over the vocabulary tiles,
-    without materialising ``[N, V]`` logits (:func:`mixture_sample` with one model). In distribution the same as
-    ``torch.multinomial(softmax(logits / T), 1)``.
+    """Draw one token per row from ``softmax(softcap(h W^T + b) / T)`` (Gumbel-max over the vocabulary tiles; inverse
+    CDF on native), without materialising ``[N, V]`` logits (:func:`mixture_sample` with one model). In distribution
+    the same as ``torch.multinomial(softmax(logits / T), 1)``.
 
     Args:
         hidden: ``[..., H]``; weight: ``[V, H]``; bias: ``[V]`` or None; the rest as in :func:`mixture_sample`.
@@ -298,7 +347,7 @@ def sample_tokens(hidden: Tensor, weight: Tensor, *, temperature: float = 1.0,
     lead = hidden.shape[:-1]
     _check_generator(generator)
     name = resolve_backend(backend, h.device, "sample_tokens")
-    chunk = chunk_rows(chunk_size, h.shape[0], vocab, h.device, name)
+    chunk = chunk_rows(chunk_size, h.shape[0], vocab, h.device, name, h.dtype)
     seed = _draw_seed(generator, h.device)
     with torch.no_grad():
         tokens, lq, _, _ = torch.ops.minillm_fast.mixture_sample(*_detach(h, w, b), None, None, None, seed, 0.0,

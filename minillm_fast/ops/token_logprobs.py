@@ -1,45 +1,59 @@
-"""Fused token log-probs: public function, autograd Function, torch.library ops and the chunked torch backend.
+"""Fused token log-probs: public function, autograd Function, torch.library ops, the chunked torch and native backends.
 
 Layers, top-down: :func:`token_logprobs` checks and flattens the inputs; ``_TokenLogprobsFunction`` saves the O(N)
 row statistics (softmax max and log-sum, entropy) and calls the backward op with the upstream gradients; the two
 ``torch.library`` custom ops ``minillm_fast::token_logprobs_fwd`` and ``..._bwd`` dispatch to a backend (``triton``:
-the vocab-tiled kernels of kernels/token_logprobs.py; ``torch``: token chunks with the full vocabulary, below), and
-their fake implementations let ``torch.compile`` trace through them.
+the vocab-tiled kernels of kernels/token_logprobs.py; ``torch``: token chunks with the full vocabulary, below;
+``native``: the same token chunks, each chunk's row work done by one vectorised, multi-threaded C++ pass of
+csrc/token_stats_cpu.cpp), and their fake implementations let ``torch.compile`` trace through them.
 
-The helpers here (``resolve_backend``, ``scaled_logits``, ``chunk_rows``, ``check_token_range``) are shared with the
-rollout ops of minillm_fast/ops/sampling.py.
+The helpers here (``resolve_backend``, ``scaled_logits``, ``ChunkLogits``, ``chunk_rows``, ``check_token_range``)
+are shared with the rollout ops of minillm_fast/ops/sampling.py.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import backends
+from .. import backends, native
 from ..checks import check_bias, check_hidden, check_positive, check_rows, check_softcap, check_weight, resolve_vocab
 from ..chunked import _chunk_logits, _HeadGrads
 from .fused_divergence import default_chunk_rows
 
 
-# Backends that implement the ops of this file and of ops/sampling.py. The native extension does not have them yet:
-# where ``auto`` (or MINILLM_FAST_BACKEND) picks native, they run on torch; add "native" here with its branches in
-# the custom ops below once it does.
-SUPPORTED_BACKENDS = ("triton", "torch")
+# Backends that implement the ops of this file and of ops/sampling.py.
+SUPPORTED_BACKENDS = ("triton", "native", "torch")
+# The ops that ``backend="auto"`` runs on native where it picks native (CPU tensors): those measured faster there
+# than on torch. All four are (bench/, fp32, 2 threads, AMD EPYC; ms native / torch): at N=64, H=768, V=50304
+# mixture_sample 115 / 212, sample_tokens 62 / 103, rollout_statistics 108 / 198, token_logprobs forward+backward
+# 222 / 327; at N=512, Hs=768, Ht=1024 712 / 1438, 304 / 721, 705 / 1262, 1104 / 1663 (README, Performance). An op
+# left out of this set runs on torch under auto; backend="native" or MINILLM_FAST_BACKEND=native runs it on native.
+NATIVE_AUTO_OPS = frozenset({"token_logprobs", "rollout_statistics", "mixture_sample", "sample_tokens"})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # shared helpers
 # ----------------------------------------------------------------------------------------------------------------------
+def _chosen_automatically(backend: str) -> bool:
+    """Whether ``backend`` leaves the choice to :func:`minillm_fast.backends.resolve` (no argument, no environment)."""
+    return backend == "auto" and os.environ.get(backends.ENV_VAR, "auto").strip().lower() in ("", "auto")
+
+
 def resolve_backend(backend: str, device: torch.device, op: str) -> str:
-    """:func:`minillm_fast.backends.resolve`, restricted to SUPPORTED_BACKENDS."""
+    """:func:`minillm_fast.backends.resolve`, restricted to SUPPORTED_BACKENDS; where it picks native on its own,
+    ``op`` runs there only if it is in NATIVE_AUTO_OPS (else on torch)."""
     name = backends.resolve(backend, device)
     if name not in SUPPORTED_BACKENDS:
         if backend == name:  # asked for by name
             raise RuntimeError(f"backend={backend!r} does not implement {op} yet; use one of {SUPPORTED_BACKENDS}")
+        return "torch"
+    if name == "native" and op not in NATIVE_AUTO_OPS and _chosen_automatically(backend):
         return "torch"
     return name
 
@@ -52,7 +66,7 @@ def triton_module(name: str):
 
 
 def out_dtype(h: Tensor) -> torch.dtype:
-    """Per-token outputs are float32, float64 for float64 inputs (torch backend)."""
+    """Per-token outputs are float32, float64 for float64 inputs (torch and native backends)."""
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
@@ -67,10 +81,35 @@ def scaled_logits(h: Tensor, w: Tensor, b: Optional[Tensor], vocab_size: int, te
     return z.div_(temperature), cap
 
 
-def chunk_rows(chunk_size, n: int, vocab: int, device: torch.device, backend: str) -> int:
-    """Rows per chunk of the torch backend: ``chunk_size`` or as many as fit MINILLM_FAST_CHUNK_BYTES."""
+class ChunkLogits:
+    """Raw logits ``h W[:V]^T + b[:V]`` ``[C, V]`` of successive row chunks, in fp32 (fp64 for fp64 inputs), as
+    ``_chunk_logits`` computes them (the matmul in the inputs' dtype, then the cast), written into one buffer of
+    ``rows`` rows that every chunk reuses: the native kernels overwrite it in place, and a fresh ``[C, V]`` per
+    chunk would cost its page faults again each time. A returned chunk is valid until the next call."""
+
+    def __init__(self, w: Tensor, b: Optional[Tensor], vocab_size: int, rows: int, dtype: torch.dtype):
+        self.w_t = w[:vocab_size].T
+        self.b = None if b is None else b[:vocab_size]
+        self.buf = torch.empty(rows, vocab_size, dtype=dtype, device=w.device)
+
+    def __call__(self, h: Tensor) -> Tensor:
+        out = self.buf[: h.shape[0]]
+        if h.dtype != out.dtype:  # bf16 / fp16: the product in the inputs' dtype, then fp32
+            out.copy_(h @ self.w_t if self.b is None else torch.addmm(self.b, h, self.w_t))
+        elif self.b is None:
+            torch.mm(h, self.w_t, out=out)
+        else:
+            torch.addmm(self.b, h, self.w_t, out=out)
+        return out
+
+
+def chunk_rows(chunk_size, n: int, vocab: int, device: torch.device, backend: str,
+               dtype: torch.dtype = torch.float32, head_grad_bytes: int = 0) -> int:
+    """Rows per chunk of the torch and native backends: ``chunk_size``, or what
+    :func:`minillm_fast.ops.fused_divergence.default_chunk_rows` makes of the chunk budget for inputs of ``dtype``
+    (``head_grad_bytes``: the fp32 head gradient the chunks will accumulate into, 0 without one)."""
     if chunk_size is None:
-        return default_chunk_rows(n, vocab, device, backend)
+        return default_chunk_rows(n, vocab, device, backend, dtype, head_grad_bytes=head_grad_bytes)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
     return chunk_size
@@ -142,6 +181,42 @@ def _torch_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature, softcap, voc
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# native backend (token chunks; the row work of a chunk in C++, csrc/token_stats_cpu.cpp)
+# ----------------------------------------------------------------------------------------------------------------------
+def _native_fwd(h, w, b, y, *, temperature, softcap, vocab_size, entropy, chunk_size):
+    kernels = native.ops()
+    n, f = h.shape[0], out_dtype(h)
+    logprob = torch.empty(n, dtype=f, device=h.device)
+    stats = torch.empty(n, 2, dtype=f, device=h.device)  # row max M, log sum e^(s - M)
+    ent = torch.empty(n, dtype=f, device=h.device) if entropy else None
+    y = y.long()
+    logits = ChunkLogits(w, b, vocab_size, min(chunk_size, n), f)
+    for rows in _chunks(n, chunk_size):
+        lp_c, st_c, ent_c = kernels.token_logprobs_fwd_rows(logits(h[rows]), y[rows], temperature, softcap, entropy)
+        logprob[rows] = lp_c
+        stats[rows] = st_c
+        if entropy:
+            ent[rows] = ent_c
+    return logprob, stats, ent
+
+
+def _native_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature, softcap, vocab_size, needs, chunk_size):
+    kernels = native.ops()
+    n, f = h.shape[0], out_dtype(h)
+    heads = _HeadGrads(h, w, b, needs, vocab_size)
+    y, stats, g_lp = y.long(), stats.to(f), g_lp.to(f)
+    if g_ent is not None:
+        ent, g_ent = ent.to(f), g_ent.to(f)
+    logits = ChunkLogits(w, b, vocab_size, min(chunk_size, n), f)
+    for rows in _chunks(n, chunk_size):
+        g = logits(h[rows])  # overwritten with dL/dz
+        kernels.token_logprobs_bwd_rows(g, y[rows], stats[rows], None if g_ent is None else ent[rows], g_lp[rows],
+                                        None if g_ent is None else g_ent[rows], temperature, softcap)
+        heads.add(rows, g)
+    return heads.result()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("minillm_fast::token_logprobs_fwd", mutates_args=())
@@ -154,6 +229,8 @@ def _fwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, temperat
     if backend == "triton":
         logprob, stats, ent = triton_module("token_logprobs").token_logprobs_fwd(h, w, b, targets, entropy=entropy,
                                                                                 **opts)
+    elif backend == "native":
+        logprob, stats, ent = _native_fwd(h, w, b, targets, entropy=entropy, chunk_size=chunk_size, **opts)
     else:
         logprob, stats, ent = _torch_fwd(h, w, b, targets, entropy=entropy, chunk_size=chunk_size, **opts)
     keep = targets != ignore_index
@@ -183,6 +260,8 @@ def _bwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, stats: T
     opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size, needs=needs)
     if backend == "triton":
         g = triton_module("token_logprobs").token_logprobs_bwd(h, w, b, targets, stats, ent, g_lp, g_ent, **opts)
+    elif backend == "native":
+        g = _native_bwd(h, w, b, targets, stats, ent, g_lp, g_ent, chunk_size=chunk_size, **opts)
     else:
         g = _torch_bwd(h, w, b, targets, stats, ent, g_lp, g_ent, chunk_size=chunk_size, **opts)
     return tuple(h.new_empty(0) if x is None else x for x in g)
@@ -246,12 +325,13 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperatu
         entropy = -(lq.exp() * lq).sum(-1)                          # with return_entropy
 
     The gradient ``(onehot(y) - q) / T`` (times the softcap's derivative) is streamed through the vocabulary tiles
-    (triton) or token chunks (torch); with ``return_entropy`` the entropy is differentiable too
+    (triton) or token chunks (torch, native); with ``return_entropy`` the entropy is differentiable too
     (``dH/ds = -q (log q + H)``). Used for the PPO ratios of MiniLLM's long-term term (``log q(y_t)``) and for the
     per-token entropy.
 
     Args:
-        hidden: ``[..., H]`` final hidden states (float32, bfloat16, float16; float64 on the torch backend).
+        hidden: ``[..., H]`` final hidden states (float32, bfloat16, float16; float64 on the torch and native
+            backends).
         weight: ``[V, H]`` the lm_head weight, same dtype.
         targets: ``[...]`` int token ids in ``[0, vocab_size)``, or ``ignore_index`` (those rows give 0, no gradient).
             Ids outside the vocabulary (including padded head rows ``>= vocab_size``) raise ValueError; the check
@@ -262,9 +342,9 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperatu
         softcap: Gemma-style ``softcap * tanh(z / softcap)`` before the temperature.
         ignore_index: target value of skipped rows.
         return_entropy: also return the per-token entropy of the distribution (0 on ignored rows).
-        backend: ``auto`` | ``triton`` | ``torch`` (see minillm_fast/backends.py; ``native`` does not implement this
-            op yet, and ``auto`` runs torch where it would pick native).
-        chunk_size: rows per chunk of the torch backend (default: as many as fit MINILLM_FAST_CHUNK_BYTES).
+        backend: ``auto`` | ``triton`` | ``native`` | ``torch`` (see minillm_fast/backends.py).
+        chunk_size: rows per chunk of the torch and native backends (default: as many as fit
+            MINILLM_FAST_CHUNK_BYTES).
 
     Returns:
         ``[...]`` float32 log-probs (float64 for float64 inputs), or the pair ``(logprobs, entropy)``. Gradients
@@ -284,7 +364,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperatu
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     check_token_range("targets", y, vocab, ignore_index)
     name = resolve_backend(backend, h.device, "token_logprobs")
-    chunk = chunk_rows(chunk_size, h.shape[0], vocab, h.device, name)
+    grad_w = w[:vocab].numel() * 4 if w.requires_grad else 0
+    chunk = chunk_rows(chunk_size, h.shape[0], vocab, h.device, name, h.dtype, head_grad_bytes=grad_w)
 
     params = (temperature, cap, vocab, ignore_index, bool(return_entropy), name, chunk)
     logprob, ent = _TokenLogprobsFunction.apply(h, w, b, y, params)

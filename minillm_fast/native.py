@@ -137,17 +137,27 @@ def _import_prebuilt(cap: str):
         return None
 
 
+# The module once loaded in this process. Loading the extension a second time (after the cache below is cleared,
+# as tests do to fake a missing toolchain) could dlopen another build of it, whose torch.library ops would be
+# registered twice: a fatal error, not an exception. So a module that loaded is kept for the process's lifetime.
+_MODULE = None
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
     """The extension module, or the NativeBuildError saying why there is none (tried once per process)."""
+    global _MODULE
+    if _MODULE is not None:
+        return _MODULE
     cap = capability()
     mod = _import_prebuilt(cap)
-    if mod is not None:
-        return mod
-    try:
-        return _jit_build(cap)
-    except NativeBuildError as e:
-        return e
+    if mod is None:
+        try:
+            mod = _jit_build(cap)
+        except NativeBuildError as e:
+            return e
+    _MODULE = mod
+    return mod
 
 
 def load():

@@ -289,8 +289,10 @@ def test_end_to_end_float64(ext, monkeypatch):
 
 
 @pytest.fixture
-def fresh_native_state():
-    """Clears the once-per-process caches around a test that fakes a missing toolchain."""
+def fresh_native_state(monkeypatch):
+    """Clears the once-per-process caches around a test that fakes a missing toolchain (the loaded module is set
+    aside and restored by monkeypatch, never loaded twice)."""
+    monkeypatch.setattr(native, "_MODULE", None)
     native._load.cache_clear()
     backends._native_for_auto.cache_clear()
     yield

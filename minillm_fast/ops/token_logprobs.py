@@ -32,7 +32,7 @@ SUPPORTED_BACKENDS = ("triton", "native", "torch")
 # The ops that ``backend="auto"`` runs on native where it picks native (CPU tensors): those measured faster there
 # than on torch. All four are (bench/, fp32, 2 threads, AMD EPYC; ms native / torch): at N=64, H=768, V=50304
 # mixture_sample 115 / 212, sample_tokens 62 / 103, rollout_statistics 108 / 198, token_logprobs forward+backward
-# 222 / 327; at N=512, Hs=768, Ht=1024 712 / 1438, 304 / 721, 705 / 1262, 1104 / 1663 (README, Performance). An op
+# 222 / 327; at N=512, Hs=768, Ht=1024 712 / 1438, 304 / 721, 705 / 1262, 1089 / 1430 (README, Performance). An op
 # left out of this set runs on torch under auto; backend="native" or MINILLM_FAST_BACKEND=native runs it on native.
 NATIVE_AUTO_OPS = frozenset({"token_logprobs", "rollout_statistics", "mixture_sample", "sample_tokens"})
 

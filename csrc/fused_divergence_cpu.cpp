@@ -27,6 +27,8 @@
 
 #include <torch/extension.h>
 
+#include "native_common.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -48,10 +50,15 @@ namespace {
 
 using at::vec::Vectorized;
 
-// log(0) stand-in, as LOG_ZERO in divergences.py: exp(x + LOG_ZERO) == 0 and LOG_ZERO - LOG_ZERO is not NaN.
-constexpr double kLogZero = -1.0e30;
-// Entries per block of pass 1 / pass 2: 2 x kBlock values (both models) stay in L1 between the two halves of pass 1.
-constexpr int64_t kBlock = 512;
+using common::for_vecs;
+using common::hmax;
+using common::hsum;
+using common::kBlock;
+using common::keep;
+using common::kLogZero;
+using common::load;
+using common::nan_max;
+using common::store;
 
 enum Kind : int64_t { REVERSE_KL = 0, FORWARD_KL, JSD, TVD, SKEW_FORWARD_KL, SKEW_REVERSE_KL };
 
@@ -65,60 +72,8 @@ struct Consts {
 };
 
 // ---------------------------------------------------------------------------------------------------------------------
-// vector helpers
+// vector helpers (for_vecs, load, store, keep, hsum, hmax, nan_max: native_common.h)
 // ---------------------------------------------------------------------------------------------------------------------
-// Calls f(tail, j, n) on [j0, j1) vector by vector; `tail` is std::true_type only for a last, partial vector of n.
-template <typename T, typename F>
-inline void for_vecs(int64_t j0, int64_t j1, F&& f) {
-  constexpr int64_t W = Vectorized<T>::size();
-  int64_t j = j0;
-  for (; j + W <= j1; j += W) f(std::false_type{}, j, W);
-  if (j < j1) f(std::true_type{}, j, j1 - j);
-}
-
-template <typename T, typename Tail>
-inline Vectorized<T> load(const T* p, int64_t n) {
-  if constexpr (Tail::value) return Vectorized<T>::loadu(p, n);
-  else return Vectorized<T>::loadu(p);
-}
-
-template <typename T, typename Tail>
-inline void store(T* p, const Vectorized<T>& v, int64_t n) {
-  if constexpr (Tail::value) v.store(p, n);
-  else v.store(p);
-}
-
-// Lanes [n, W) of v replaced by `fill` (a no-op for full vectors).
-template <typename T, typename Tail>
-inline Vectorized<T> keep(const Vectorized<T>& v, const Vectorized<T>& fill, int64_t n) {
-  if constexpr (Tail::value) return Vectorized<T>::set(fill, v, n);
-  else return v;
-}
-
-template <typename T>
-inline double hsum(const Vectorized<T>& v) {
-  T buf[Vectorized<T>::size()];
-  v.store(buf);
-  double r = 0.0;
-  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) r += static_cast<double>(buf[i]);
-  return r;
-}
-
-// max that propagates NaN (a NaN logit must give a NaN loss, as in the other backends)
-template <typename T>
-inline T nan_max(T a, T b) {
-  return (b > a || std::isnan(b)) ? b : a;
-}
-
-template <typename T>
-inline T hmax(const Vectorized<T>& v) {
-  T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T r = buf[0];
-  for (int64_t i = 1; i < Vectorized<T>::size(); ++i) r = nan_max(r, buf[i]);
-  return r;
-}
-
 // log(e^a + e^b), stable: max + log1p(e^(min - max)).
 template <typename T>
 inline Vectorized<T> logaddexp(const Vectorized<T>& a, const Vectorized<T>& b) {

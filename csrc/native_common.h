@@ -1,8 +1,6 @@
-// Helpers shared by the native row kernels of token_stats_cpu.cpp and sampling_cpu.cpp: vector loops with masked
-// tails, horizontal reductions, argument checks, and the one-model pass that gives a row's max and log-sum-exp.
-//
-// (fused_divergence_cpu.cpp keeps its own copies of the vector helpers in an anonymous namespace; these live in
-// minillm_fast_native::common, so the two never collide.)
+// Helpers shared by the native row kernels of fused_divergence_cpu.cpp, token_stats_cpu.cpp and sampling_cpu.cpp:
+// vector loops with masked tails, horizontal reductions, argument checks, and the one-model pass that gives a row's
+// max and log-sum-exp.
 //
 // Conventions, as in fused_divergence_cpu.cpp: a chunk of logits is [C, V] float32 / float64 with contiguous rows, a
 // row is one task of at::parallel_for and is computed by one thread in a fixed order (results do not depend on the

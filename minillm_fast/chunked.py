@@ -82,15 +82,33 @@ def triton_rows(zs, zt, row_grad, cfg: DivergenceConfig, grad_s: bool, grad_t: b
                                             **cfg.kernel_args)
 
 
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Logits ``[C, V]`` of one chunk in fp32 (fp64 for fp64 inputs). ``out``: a preallocated buffer of that dtype,
-    written by the matmul itself when the inputs already have it (no temporary, no copy)."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    if out is not None and h.dtype == acc:
-        return torch.mm(h, w.T, out=out) if b is None else torch.addmm(b, h, w.T, out=out)
+def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """Logits ``[C, V]`` of one chunk: the matmul in the inputs' dtype, then fp32 (fp64 for fp64 inputs)."""
     z = h @ w.T if b is None else torch.addmm(b, h, w.T)
-    return z.to(acc)
+    return z.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+
+
+class ChunkLogits:
+    """Raw logits ``h W[:V]^T + b[:V]`` ``[C, V]`` of successive row chunks, in fp32 (fp64 for fp64 inputs), as
+    ``_chunk_logits`` computes them, written into one buffer of ``rows`` rows that every chunk reuses: the rows
+    functions may overwrite it in place, and a fresh ``[C, V]`` per chunk would hold a third buffer while the last
+    chunk's is still referenced, and cost its page faults again each time. A returned chunk is valid until the next
+    call."""
+
+    def __init__(self, w: torch.Tensor, b: Optional[torch.Tensor], vocab_size: int, rows: int, dtype: torch.dtype):
+        self.w_t = w[:vocab_size].T
+        self.b = None if b is None else b[:vocab_size]
+        self.buf = torch.empty(rows, vocab_size, dtype=dtype, device=w.device)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.buf[: h.shape[0]]
+        if h.dtype != out.dtype:  # bf16 / fp16: the product in the inputs' dtype, then fp32
+            out.copy_(h @ self.w_t if self.b is None else torch.addmm(self.b, h, self.w_t))
+        elif self.b is None:
+            torch.mm(h, self.w_t, out=out)
+        else:
+            torch.addmm(self.b, h, self.w_t, out=out)
+        return out
 
 
 class _HeadGrads:
@@ -144,20 +162,11 @@ def run(hs, ws, bs, ht, wt, bt, cfg: DivergenceConfig, *, rows_fn: RowsFn, chunk
     stats = torch.empty(n, 6, dtype=f, device=hs.device) if want_loss else None
     student = _HeadGrads(hs, ws, bs, needs[:3], v)
     teacher = _HeadGrads(ht, wt, bt, needs[3:], v)
-    ws_v, wt_v = ws[:v], wt[:v]
-    bs_v = None if bs is None else bs[:v]
-    bt_v = None if bt is None else bt[:v]
-    # Two logits buffers for the whole sweep: every chunk's matmuls write into them (the rows functions may
-    # overwrite them in place), so the peak is two [C, V] buffers, not the three of a fresh allocation per chunk
-    # (the next chunk's logits allocated while the last one's are still referenced).
-    c = min(chunk_size, n)
-    buf_s = torch.empty(c, v, dtype=f, device=hs.device) if hs.dtype == f else None
-    buf_t = torch.empty(c, v, dtype=f, device=hs.device) if ht.dtype == f else None
+    student_logits = ChunkLogits(ws, bs, v, min(chunk_size, n), f)
+    teacher_logits = ChunkLogits(wt, bt, v, min(chunk_size, n), f)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        m = rows.stop - rows.start
-        zs = _chunk_logits(hs[rows], ws_v, bs_v, None if buf_s is None else buf_s[:m])
-        zt = _chunk_logits(ht[rows], wt_v, bt_v, None if buf_t is None else buf_t[:m])
+        zs, zt = student_logits(hs[rows]), teacher_logits(ht[rows])
         rg = None if row_grad is None else row_grad[rows]
         l_c, st_c, g_s, g_t = rows_fn(zs, zt, rg, cfg, student.any, teacher.any)
         if want_loss:

@@ -32,7 +32,8 @@ from ..checks import (check_bias, check_hidden, check_models, check_positive, ch
                       resolve_vocab)
 from ..divergences import _check_unit, _log_mix
 from .. import native
-from .token_logprobs import (ChunkLogits, check_token_range, chunk_rows, out_dtype, resolve_backend, scaled_logits,
+from ..chunked import ChunkLogits
+from .token_logprobs import (check_token_range, chunk_rows, out_dtype, resolve_backend, scaled_logits,
                              triton_module)
 
 _SEED_HIGH = 2 ** 62  # seeds are drawn uniformly from [0, 2^62)

@@ -7,7 +7,7 @@ the vocab-tiled kernels of kernels/token_logprobs.py; ``torch``: token chunks wi
 ``native``: the same token chunks, each chunk's row work done by one vectorised, multi-threaded C++ pass of
 csrc/token_stats_cpu.cpp), and their fake implementations let ``torch.compile`` trace through them.
 
-The helpers here (``resolve_backend``, ``scaled_logits``, ``ChunkLogits``, ``chunk_rows``, ``check_token_range``)
+The helpers here (``resolve_backend``, ``scaled_logits``, ``chunk_rows``, ``check_token_range``)
 are shared with the rollout ops of minillm_fast/ops/sampling.py.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import backends, native
 from ..checks import check_bias, check_hidden, check_positive, check_rows, check_softcap, check_weight, resolve_vocab
-from ..chunked import _chunk_logits, _HeadGrads
+from ..chunked import ChunkLogits, _chunk_logits, _HeadGrads
 from .fused_divergence import default_chunk_rows
 
 
@@ -79,28 +79,6 @@ def scaled_logits(h: Tensor, w: Tensor, b: Optional[Tensor], vocab_size: int, te
         cap = torch.tanh(z / softcap)
         z = cap * softcap
     return z.div_(temperature), cap
-
-
-class ChunkLogits:
-    """Raw logits ``h W[:V]^T + b[:V]`` ``[C, V]`` of successive row chunks, in fp32 (fp64 for fp64 inputs), as
-    ``_chunk_logits`` computes them (the matmul in the inputs' dtype, then the cast), written into one buffer of
-    ``rows`` rows that every chunk reuses: the native kernels overwrite it in place, and a fresh ``[C, V]`` per
-    chunk would cost its page faults again each time. A returned chunk is valid until the next call."""
-
-    def __init__(self, w: Tensor, b: Optional[Tensor], vocab_size: int, rows: int, dtype: torch.dtype):
-        self.w_t = w[:vocab_size].T
-        self.b = None if b is None else b[:vocab_size]
-        self.buf = torch.empty(rows, vocab_size, dtype=dtype, device=w.device)
-
-    def __call__(self, h: Tensor) -> Tensor:
-        out = self.buf[: h.shape[0]]
-        if h.dtype != out.dtype:  # bf16 / fp16: the product in the inputs' dtype, then fp32
-            out.copy_(h @ self.w_t if self.b is None else torch.addmm(self.b, h, self.w_t))
-        elif self.b is None:
-            torch.mm(h, self.w_t, out=out)
-        else:
-            torch.addmm(self.b, h, self.w_t, out=out)
-        return out
 
 
 def chunk_rows(chunk_size, n: int, vocab: int, device: torch.device, backend: str,

@@ -50,3 +50,16 @@ def read_metrics(run_dir) -> list[dict]:
 def without_timing(records: list[dict]) -> list[dict]:
     """Metrics minus wall-clock entries (``time/*``), which differ between runs by nature."""
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+
+def torchrun(nproc: int, script: str, *args: str, env: dict, timeout: float = 240):
+    """``torchrun --standalone --nproc_per_node nproc script args`` on this host; returns the CompletedProcess.
+
+    --standalone makes torchrun bind its rendezvous store on port 0 itself. Picking a free port here and passing it as
+    --master_port raced with other processes on the machine (the port could be taken between the pick and the bind;
+    it happened once in CI while other jobs ran torchrun)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), script, *args], env=env, capture_output=True, text=True, timeout=timeout)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from distill_utils import config, read_metrics, without_timing, workspace
+from distill_utils import config, read_metrics, torchrun, without_timing, workspace
 
 from minillm_fast.distill import cli, models, okd, toy
 from minillm_fast.distill.config import ConfigError
@@ -122,12 +121,6 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), sub
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_match_one_process(tmp_path):
     """torchrun, 2 gloo processes on CPU (DDP) vs one process accumulating the same two micro-batches, two steps: the
     student in final/ and the teacher module in teacher_adapter/ agree (the module is not DDP-wrapped: its gradients
@@ -143,10 +136,7 @@ def test_two_processes_match_one_process(tmp_path):
     one = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt"), *overrides,
                           f"output_dir={tmp_path / 'one'}"], env=env, capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), worker, str(tmp_path / "two.pt"),
-                          *overrides, f"output_dir={tmp_path / 'two'}"], env=env, capture_output=True, text=True,
-                         timeout=240)
+    two = torchrun(2, worker, str(tmp_path / "two.pt"), *overrides, f"output_dir={tmp_path / 'two'}", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world size 2" in two.stdout
     for sub, name in (("final", "model.safetensors"), ("teacher_adapter", "adapter_model.safetensors")):

@@ -3,13 +3,12 @@ on two gloo processes give the one-process gradients and weights."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from distill_utils import config, read_metrics, without_timing
+from distill_utils import config, read_metrics, torchrun, without_timing
 from transformers import AutoModelForCausalLM
 
 from minillm_fast.distill import checkpoint as ckpt
@@ -108,12 +107,6 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(ckpt_dir) if n.startswith(".tmp")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, parallel):
     """torchrun, 2 gloo processes on CPU vs one process, two MiniLLM steps: the first step's gradients (rollouts
@@ -129,10 +122,8 @@ def test_two_processes_match_one_process(tmp_path, parallel):
     one = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt"), *overrides,
                           f"output_dir={tmp_path / 'one'}"], env=env, capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), worker, str(tmp_path / "two.pt"),
-                          *overrides, f"parallel={parallel}", f"output_dir={tmp_path / 'two'}"], env=env,
-                         capture_output=True, text=True, timeout=240)
+    two = torchrun(2, worker, str(tmp_path / "two.pt"), *overrides, f"parallel={parallel}",
+                   f"output_dir={tmp_path / 'two'}", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "world size 2" in two.stdout
     g1, g2 = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
@@ -152,11 +143,8 @@ def test_two_processes_match_one_process(tmp_path, parallel):
         assert value.shape == w2[name].shape, name
     if parallel == "fsdp":   # resume the sharded run from its step-1 checkpoint: the same second step
         step1 = ckpt.path_for(str(tmp_path / "two" / "checkpoints"), 1)
-        again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), worker,
-                                str(tmp_path / "again.pt"), *overrides, f"parallel={parallel}", f"resume={step1}",
-                                f"output_dir={tmp_path / 'again'}"], env=env, capture_output=True, text=True,
-                               timeout=240)
+        again = torchrun(2, worker, str(tmp_path / "again.pt"), *overrides, f"parallel={parallel}",
+                         f"resume={step1}", f"output_dir={tmp_path / 'again'}", env=env)
         assert again.returncode == 0, again.stderr[-3000:]
         assert [r["step"] for r in read_metrics(tmp_path / "again") if "train/loss" in r] == [2]
         w3 = AutoModelForCausalLM.from_pretrained(str(tmp_path / "again" / "final")).state_dict()

@@ -27,6 +27,7 @@
 
 #include <torch/extension.h>
 
+#include "divergence_math.h"
 #include "native_common.h"
 
 #include <ATen/Parallel.h>
@@ -38,6 +39,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
@@ -50,6 +52,7 @@ namespace {
 
 using at::vec::Vectorized;
 
+
 using common::for_vecs;
 using common::hmax;
 using common::hsum;
@@ -59,35 +62,7 @@ using common::kLogZero;
 using common::load;
 using common::nan_max;
 using common::store;
-
-enum Kind : int64_t { REVERSE_KL = 0, FORWARD_KL, JSD, TVD, SKEW_FORWARD_KL, SKEW_REVERSE_KL };
-
-template <typename T>
-struct Consts {
-  T mult;      // s = x * mult, x the buffer value: z (mult = 1/T), or tanh(z / cap) after pass 1 (mult = cap / T)
-  T inv_cap;   // 1 / softcap
-  bool use_cap;
-  T log_w, log_1mw;  // log of the mixture weight w (beta or skew) and of 1 - w; LOG_ZERO for log 0
-  T w, w1;           // exp(log_w), exp(log_1mw)
-};
-
-// ---------------------------------------------------------------------------------------------------------------------
-// vector helpers (for_vecs, load, store, keep, hsum, hmax, nan_max: native_common.h)
-// ---------------------------------------------------------------------------------------------------------------------
-// log(e^a + e^b), stable: max + log1p(e^(min - max)).
-template <typename T>
-inline Vectorized<T> logaddexp(const Vectorized<T>& a, const Vectorized<T>& b) {
-  const auto hi = at::vec::maximum(a, b);
-  const auto lo = at::vec::minimum(a, b);
-  return hi + (lo - hi).exp().log1p();
-}
-
-// sign(q - p) in {-1, 0, 1}
-template <typename T>
-inline Vectorized<T> sign_diff(const Vectorized<T>& q, const Vectorized<T>& p) {
-  const Vectorized<T> zero(T(0)), one(T(1)), minus_one(T(-1));
-  return Vectorized<T>::blendv(Vectorized<T>::blendv(zero, minus_one, q < p), one, q > p);
-}
+using namespace divergence;  // Kind, Consts and the per-entry math (divergence_math.h)
 
 // ---------------------------------------------------------------------------------------------------------------------
 // one row
@@ -120,17 +95,7 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
       max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult, sentinel, n));
     });
     const T ms_new = nan_max(m_s, hmax(max_s)), mt_new = nan_max(m_t, hmax(max_t));
-    if (!(ms_new == m_s && mt_new == m_t)) {
-      // Rebase the running sums to the new maxima; each old KL term's bracket grows by (m_b' - m_b) - (m_a' - m_a).
-      const double fs = std::exp(static_cast<double>(m_s) - ms_new), ft = std::exp(static_cast<double>(m_t) - mt_new);
-      const double dms = static_cast<double>(ms_new) - m_s, dmt = static_cast<double>(mt_new) - m_t;
-      if constexpr (KIND == REVERSE_KL) acc = (acc + (dmt - dms) * l_s) * fs;
-      if constexpr (KIND == FORWARD_KL) acc = (acc + (dms - dmt) * l_t) * ft;
-      l_s *= fs;
-      l_t *= ft;
-      m_s = ms_new;
-      m_t = mt_new;
-    }
+    if (!(ms_new == m_s && mt_new == m_t)) rebase<KIND>(m_s, m_t, ms_new, mt_new, l_s, l_t, acc);
     const Vec vm_s(m_s), vm_t(m_t);
     Vec sum_s(zero), sum_t(zero), sum_acc(zero);
     for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
@@ -140,28 +105,18 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
       const Vec ea = da.exp(), eb = db.exp();
       sum_s += ea;
       sum_t += eb;
-      if constexpr (KIND == REVERSE_KL) sum_acc += ea * (da - db);
-      if constexpr (KIND == FORWARD_KL) sum_acc += eb * (db - da);
+      kl_accumulate<KIND>(sum_acc, da, db, ea, eb);  // masked lanes: e = 0
     });
     l_s += hsum(sum_s);
     l_t += hsum(sum_t);
     if constexpr (KIND <= FORWARD_KL) acc += hsum(sum_acc);
   }
   const double log_ls = std::log(l_s), log_lt = std::log(l_t);
-  double loss = 0.0, c_s = 0.0, c_t = 0.0;
-  if constexpr (KIND == REVERSE_KL) {  // E_q[lq - lp]; c_s = L + 1, c_t = sum(-q) = -1
-    loss = acc / l_s - log_ls + log_lt;
-    c_s = loss + 1.0;
-    c_t = -1.0;
-  } else if constexpr (KIND == FORWARD_KL) {  // E_p[lp - lq]; c_s = sum(-p) = -1, c_t = L + 1
-    loss = acc / l_t - log_lt + log_ls;
-    c_s = -1.0;
-    c_t = loss + 1.0;
-  }
+  double loss, c_s, c_t;
+  kl_finish<KIND>(acc, l_s, l_t, log_ls, log_lt, loss, c_s, c_t);
 
   // lq = (s - m_s) - log l_s: the shift by the row maximum is exact, so large logits lose no more than small ones.
   const Vec vm_s(m_s), vm_t(m_t), vlog_ls(static_cast<T>(log_ls)), vlog_lt(static_cast<T>(log_lt));
-  const Vec log_w(k.log_w), log_1mw(k.log_1mw), w(k.w), w1(k.w1), half(T(0.5));
   auto log_probs = [&](auto tail, int64_t j, int64_t n, Vec& lq, Vec& lp) {
     using Tail = decltype(tail);
     lq = (load<T, Tail>(xs + j, n) * mult - vm_s) - vlog_ls;
@@ -177,33 +132,7 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
         using Tail = decltype(tail);
         Vec lq, lp, phi, qg, ph;
         log_probs(tail, j, n, lq, lp);
-        if constexpr (KIND == JSD) {  // m = w p + (1 - w) q
-          const Vec q = lq.exp(), p = lp.exp();
-          const Vec lm = logaddexp(lp + log_w, lq + log_1mw);
-          qg = w1 * q * (lq - lm);
-          ph = w * p * (lp - lm);
-          phi = qg + ph;
-        } else if constexpr (KIND == TVD) {
-          const Vec q = lq.exp(), p = lp.exp();
-          const Vec sgn = sign_diff(q, p);
-          phi = half * (p - q).abs();
-          qg = half * q * sgn;
-          ph = zero - half * p * sgn;
-        } else if constexpr (KIND == SKEW_FORWARD_KL) {  // m = w p + (1 - w) q
-          const Vec p = lp.exp();
-          const Vec lm = logaddexp(lp + log_w, lq + log_1mw);
-          const Vec d = lp - lm;
-          phi = p * d;
-          qg = zero - w1 * (lp + lq - lm).exp();  // (1 - w) p q / m, finite where m underflows
-          ph = p * (d + one - (log_w + d).exp());  // w p / m <= 1, and 0 at w = 0 where p / m may overflow
-        } else {  // SKEW_REVERSE_KL, m = w q + (1 - w) p
-          const Vec q = lq.exp();
-          const Vec lm = logaddexp(lq + log_w, lp + log_1mw);
-          const Vec d = lq - lm;
-          phi = q * d;
-          qg = q * (d + one - (log_w + d).exp());
-          ph = zero - w1 * (lp + lq - lm).exp();
-        }
+        terms<T, KIND>(lq, lp, k, phi, qg, ph);
         sum_phi += keep<T, Tail>(phi, zero, n);
         sum_qg += keep<T, Tail>(qg, zero, n);
         sum_ph += keep<T, Tail>(ph, zero, n);
@@ -228,35 +157,7 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
     using Tail = decltype(tail);
     Vec lq, lp, g_s, g_t;
     log_probs(tail, j, n, lq, lp);
-    if constexpr (KIND == REVERSE_KL) {  // q*g = q (lq - lp + 1), p*h = -q
-      const Vec q = lq.exp();
-      if (grad_s) g_s = q * ((lq - lp) + (one - vc_s));
-      if (grad_t) g_t = zero - q - lp.exp() * vc_t;
-    } else if constexpr (KIND == FORWARD_KL) {  // q*g = -p, p*h = p (lp - lq + 1)
-      const Vec p = lp.exp();
-      if (grad_s) g_s = zero - p - lq.exp() * vc_s;
-      if (grad_t) g_t = p * ((lp - lq) + (one - vc_t));
-    } else if constexpr (KIND == JSD) {
-      const Vec q = lq.exp(), p = lp.exp();
-      const Vec lm = logaddexp(lp + log_w, lq + log_1mw);
-      if (grad_s) g_s = q * (w1 * (lq - lm) - vc_s);
-      if (grad_t) g_t = p * (w * (lp - lm) - vc_t);
-    } else if constexpr (KIND == TVD) {
-      const Vec q = lq.exp(), p = lp.exp();
-      const Vec sgn = sign_diff(q, p);
-      if (grad_s) g_s = q * (half * sgn - vc_s);
-      if (grad_t) g_t = zero - p * (half * sgn + vc_t);
-    } else if constexpr (KIND == SKEW_FORWARD_KL) {
-      const Vec lm = logaddexp(lp + log_w, lq + log_1mw);
-      const Vec d = lp - lm;
-      if (grad_s) g_s = zero - w1 * (lp + lq - lm).exp() - lq.exp() * vc_s;
-      if (grad_t) g_t = lp.exp() * (d + one - (log_w + d).exp() - vc_t);
-    } else {  // SKEW_REVERSE_KL
-      const Vec lm = logaddexp(lq + log_w, lp + log_1mw);
-      const Vec d = lq - lm;
-      if (grad_s) g_s = lq.exp() * (d + one - (log_w + d).exp() - vc_s);
-      if (grad_t) g_t = zero - w1 * (lp + lq - lm).exp() - lp.exp() * vc_t;
-    }
+    grads<T, KIND>(lq, lp, vc_s, vc_t, k, grad_s, grad_t, g_s, g_t);
     if (grad_s) {
       g_s = g_s * vscale;
       if (k.use_cap) {
@@ -294,29 +195,39 @@ RowFn<T> row_fn(int64_t kind) {
 // ---------------------------------------------------------------------------------------------------------------------
 // entry point
 // ---------------------------------------------------------------------------------------------------------------------
-void check_logits(const char* name, const at::Tensor& z) {
+// How a chunk's entries lie in memory: rows contiguous (the row kernel) or columns contiguous, i.e. vocabulary-major
+// as a `W h^T` matmul writes it (the column kernel).
+enum class Layout { kRows, kColumns };
+
+Layout check_logits(const char* name, const at::Tensor& z) {
   TORCH_CHECK(z.device().is_cpu(), "divergence_rows: ", name, " must be a CPU tensor, got ", z.device());
   TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, "divergence_rows: ", name,
               " must be float32 or float64 chunk logits [C, V], got ", z.scalar_type());
   TORCH_CHECK(z.dim() == 2, "divergence_rows: ", name, " must be 2-D [C, V], got shape ", z.sizes());
   TORCH_CHECK(z.size(1) >= 1, "divergence_rows: ", name, " must have at least one vocabulary entry, got shape ",
               z.sizes());
-  TORCH_CHECK(z.stride(1) == 1 && z.stride(0) >= z.size(1), "divergence_rows: ", name,
-              " must have contiguous rows (stride(1) == 1, rows not overlapping); got strides ", z.strides(),
+  if (z.stride(1) == 1 && (z.size(0) <= 1 || z.stride(0) >= z.size(1))) return Layout::kRows;
+  TORCH_CHECK(z.stride(0) == 1 && z.stride(1) >= z.size(0), "divergence_rows: ", name,
+              " must have contiguous rows (stride(1) == 1) or contiguous columns (stride(0) == 1, the transpose "
+              "of a row-major [V, C]), not overlapping; got shape ", z.sizes(), " and strides ", z.strides(),
               " (it is overwritten in place, so it is not copied: pass z.contiguous())");
+  return Layout::kColumns;
 }
 
 }  // namespace
 
-// zs, zt: [C, V] float32/float64 raw chunk logits (student, teacher), contiguous rows; overwritten in place (with G
+// zs, zt: [C, V] float32/float64 raw chunk logits (student, teacher), contiguous rows or contiguous columns (both the
+// same; columns: the vocabulary-major chunk a `W h^T` matmul writes, which is how the chunked strategy computes them
+// on CPU, see minillm_fast/chunked.py); overwritten in place (with G
 // when grad_s / grad_t, else with scratch values under a softcap). row_grad: [C] upstream gradient of each row's loss,
 // required when a gradient is wanted. kind: 0..5 (divergences.py). Returns loss [C] and stats [C, 6]
 // (lse_s, lse_t, c_s, c_t) in the logits' dtype.
 std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt, c10::optional<at::Tensor> row_grad,
                                                    int64_t kind, double log_w, double log_1mw, double temperature,
                                                    double softcap, bool grad_s, bool grad_t) {
-  check_logits("zs", zs);
-  check_logits("zt", zt);
+  const Layout layout = check_logits("zs", zs);
+  TORCH_CHECK(check_logits("zt", zt) == layout, "divergence_rows: zt must have the memory layout of zs (strides ",
+              zs.strides(), "), got strides ", zt.strides());
   TORCH_CHECK(zt.sizes() == zs.sizes(), "divergence_rows: zt must have the shape of zs ", zs.sizes(), ", got ",
               zt.sizes());
   TORCH_CHECK(zt.scalar_type() == zs.scalar_type(), "divergence_rows: zt must have the dtype of zs (",
@@ -350,22 +261,31 @@ std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt,
 
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "minillm_fast_native::divergence_rows", [&] {
     using T = scalar_t;
-    Consts<T> k;
-    k.use_cap = softcap > 0;
-    k.mult = static_cast<T>(k.use_cap ? softcap / temperature : 1.0 / temperature);
-    k.inv_cap = static_cast<T>(k.use_cap ? 1.0 / softcap : 0.0);
-    k.log_w = static_cast<T>(log_w);
-    k.log_1mw = static_cast<T>(log_1mw);
-    k.w = static_cast<T>(std::exp(log_w));
-    k.w1 = static_cast<T>(std::exp(log_1mw));
-    const RowFn<T> fn = row_fn<T>(kind);
+    const Consts<T> k(temperature, softcap, log_w, log_1mw);
     T* ps = zs.data_ptr<T>();
     T* pt = zt.data_ptr<T>();
-    const int64_t ld_s = zs.stride(0), ld_t = zt.stride(0);
     const T* prg = rg.defined() ? rg.data_ptr<T>() : nullptr;
     T* pl = loss.data_ptr<T>();
     T* pst = stats.data_ptr<T>();
     const T inv_t = static_cast<T>(1.0 / temperature);
+    if (layout == Layout::kColumns) {
+      // Groups of W rows (the vector width) are the unit of work; a task gets at least ~32k entries.
+      constexpr int64_t W = Vectorized<T>::size();
+      std::vector<T> scale;
+      if (prg) {
+        scale.resize(C);
+        for (int64_t r = 0; r < C; ++r) scale[r] = prg[r] * inv_t;
+      }
+      const int64_t groups = (C + W - 1) / W;
+      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (W * V));
+      at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+        divergence_cols<T>(kind, ps, pt, zs.stride(1), zt.stride(1), V, g0 * W, std::min(C, g1 * W), k,
+                           prg ? scale.data() : nullptr, grad_s, grad_t, pl, pst);
+      });
+      return;
+    }
+    const RowFn<T> fn = row_fn<T>(kind);
+    const int64_t ld_s = zs.stride(0), ld_t = zt.stride(0);
     // A row is ~10 ns per entry; rows are the unit of work, a task gets at least ~32k entries.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / V);
     at::parallel_for(0, C, grain, [&](int64_t r0, int64_t r1) {

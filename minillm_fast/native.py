@@ -37,10 +37,10 @@ from typing import Optional
 
 import torch
 
-SOURCES = ("fused_divergence_cpu.cpp", "token_stats_cpu.cpp", "sampling_cpu.cpp")
+SOURCES = ("fused_divergence_cpu.cpp", "divergence_cols_cpu.cpp", "token_stats_cpu.cpp", "sampling_cpu.cpp")
 # Included by the sources (ninja tracks them for rebuilds; listed so that a stale build is announced and an incomplete
 # csrc/ is refused).
-HEADERS = ("native_common.h", "philox.h")
+HEADERS = ("native_common.h", "divergence_math.h", "philox.h")
 # The torch.library namespace of the row kernels of token_stats_cpu.cpp and sampling_cpu.cpp (the pybind module,
 # fused_divergence_cpu.cpp's, carries divergence_rows): torch.ops.minillm_fast_native.* once the library is loaded.
 OPS_NAMESPACE = "minillm_fast_native"
@@ -190,11 +190,20 @@ def ops():
 def native_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg, grad_s: bool,
                 grad_t: bool):
     """The rows function of the chunked strategy (see minillm_fast/chunked.py) in C++: zs, zt [C, V] float32 or
-    float64 CPU chunk logits, overwritten in place. Returns loss [C], stats [C, 6] and dL/dzs, dL/dzt (the
-    overwritten buffers) where asked, else None."""
-    if zs.stride(-1) != 1:
-        zs = zs.contiguous()
-    if zt.stride(-1) != 1:
-        zt = zt.contiguous()
+    float64 CPU chunk logits, overwritten in place, either with contiguous rows or vocabulary-major (the transpose of
+    a row-major [V, C], which is how chunked.run hands them over: ``vocab_major`` below). Returns loss [C], stats
+    [C, 6] and dL/dzs, dL/dzt (the overwritten buffers, in their layout) where asked, else None."""
+    zs, zt = _rows_or_columns(zs), _rows_or_columns(zt)
     loss, stats = load().divergence_rows(zs, zt, row_grad, grad_s=grad_s, grad_t=grad_t, **cfg.kernel_args)
     return loss, stats, (zs if grad_s else None), (zt if grad_t else None)
+
+
+# chunked.run computes the chunks as W h^T for this rows function: the faster matmuls on CPU (ChunkLogits explains)
+native_rows.vocab_major = True
+
+
+def _rows_or_columns(z: torch.Tensor) -> torch.Tensor:
+    """z itself when its rows or its columns are contiguous (the two layouts the C++ kernel takes), else a copy."""
+    if z.stride(-1) == 1 or (z.dim() == 2 and z.stride(0) == 1 and z.stride(1) >= z.shape[0]):
+        return z
+    return z.contiguous()

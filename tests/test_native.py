@@ -69,10 +69,24 @@ def _untie_tvd(zs, zt, cfg):
     raise AssertionError("could not untie the TVD inputs")
 
 
-def _run(fn, zs, zt, row_grad, cfg, grad_s=True, grad_t=True, dtype=None):
-    """A rows function on copies (they are overwritten), optionally cast; returns (loss, stats, g_s, g_t)."""
+# The two memory layouts the C++ kernel takes: contiguous rows (the row kernel), and vocabulary-major chunks, the
+# [C, V] transpose of a row-major [V, C] (the column kernel, which chunked.run feeds on CPU).
+LAYOUTS = ["rows", "columns"]
+
+
+def _laid_out(z: torch.Tensor, layout: str) -> torch.Tensor:
+    return z.T.contiguous().T if layout == "columns" else z.contiguous()
+
+
+def _run(fn, zs, zt, row_grad, cfg, grad_s=True, grad_t=True, dtype=None, layout="rows"):
+    """A rows function on copies (they are overwritten), optionally cast, in ``layout``; returns (loss, stats, g_s,
+    g_t)."""
     cast = (lambda x: x.clone()) if dtype is None else (lambda x: x.to(dtype).clone())
-    return fn(cast(zs), cast(zt), None if row_grad is None else cast(row_grad), cfg, grad_s, grad_t)
+    zs, zt = cast(zs), cast(zt)
+    if fn is native.native_rows:
+        zs, zt = _laid_out(zs, layout), _laid_out(zt, layout)
+        assert layout == "rows" or zs.shape[0] == 1 or zs.stride(0) == 1
+    return fn(zs, zt, None if row_grad is None else cast(row_grad), cfg, grad_s, grad_t)
 
 
 def _assert_budget(got, naive, truth, what):
@@ -91,10 +105,11 @@ def _assert_budget(got, naive, truth, what):
 # ----------------------------------------------------------------------------------------------------------------------
 # numerics
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("v", [5, 1031, 2048 + 517], ids=lambda v: f"V{v}")
 @pytest.mark.parametrize("setting", list(SETTINGS))
 @pytest.mark.parametrize("name", list(divergences.DIVERGENCES))
-def test_rows_match_torch(ext, name, setting, v):
+def test_rows_match_torch(ext, name, setting, v, layout):
     gen = torch.Generator().manual_seed(zlib.crc32(f"{name}-{setting}-{v}".encode()))
     temperature, softcap = SETTINGS[setting]
     cfg = _cfg(name, temperature, softcap, v)
@@ -103,12 +118,13 @@ def test_rows_match_torch(ext, name, setting, v):
         zt = _untie_tvd(zs, zt, cfg)
     truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
     naive = _run(chunked.torch_rows, zs, zt, rg, cfg)
-    got = _run(native.native_rows, zs, zt, rg, cfg)
-    _assert_budget(got, naive, truth, f"[{name} {setting} V={v}] ")
+    got = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+    _assert_budget(got, naive, truth, f"[{name} {setting} V={v} {layout}] ")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["reverse_kl", "forward_kl", "jsd"])
-def test_large_offsets_and_peaked_rows(ext, name):
+def test_large_offsets_and_peaked_rows(ext, name, layout):
     """Logits far from 0 (teacher shifted by 1000) and peaked rows whose small probabilities underflow in fp32: the
     shifted accumulators keep the error at the level of torch's."""
     gen = torch.Generator().manual_seed(7)
@@ -116,32 +132,34 @@ def test_large_offsets_and_peaked_rows(ext, name):
     zs, zt, rg = _chunk(gen, 6, 777, std=30.0, offset=1000.0)
     truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
     naive = _run(chunked.torch_rows, zs, zt, rg, cfg)
-    got = _run(native.native_rows, zs, zt, rg, cfg)
-    _assert_budget(got, naive, truth, f"[{name} offset] ")
+    got = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+    _assert_budget(got, naive, truth, f"[{name} offset {layout}] ")
     # The divergence does not depend on a per-row shift of either model's logits.
-    got0 = _run(native.native_rows, zs, zt - 1000.0, rg, cfg)
+    got0 = _run(native.native_rows, zs, zt - 1000.0, rg, cfg, layout=layout)
     assert torch.allclose(got0[0], got[0], rtol=1e-5, atol=1e-4 * got[0].abs().max().item())
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", list(divergences.DIVERGENCES))
-def test_float64(ext, name):
+def test_float64(ext, name, layout):
     gen = torch.Generator().manual_seed(11)
     cfg = _cfg(name, 1.3, 7.0, 300)
     zs, zt, rg = _chunk(gen, 5, 300, dtype=torch.float64)
     want = _run(chunked.torch_rows, zs, zt, rg, cfg)
-    got = _run(native.native_rows, zs, zt, rg, cfg)
+    got = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
     for x, w in zip(got, want):
         assert x.dtype == torch.float64
         torch.testing.assert_close(x, w, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("grad_s,grad_t", [(True, False), (False, True), (False, False)], ids=["s", "t", "none"])
-def test_gradients_in_place_and_only_where_asked(ext, grad_s, grad_t):
+def test_gradients_in_place_and_only_where_asked(ext, grad_s, grad_t, layout):
     gen = torch.Generator().manual_seed(3)
     cfg = _cfg("skew_reverse_kl", 1.0, 0.0, 200)
     zs, zt, rg = _chunk(gen, 4, 200)
     want = chunked.torch_rows(zs.double(), zt.double(), rg.double(), cfg, True, True)
-    bs, bt = zs.clone(), zt.clone()
+    bs, bt = _laid_out(zs.clone(), layout), _laid_out(zt.clone(), layout)
     loss, stats, g_s, g_t = native.native_rows(bs, bt, rg if (grad_s or grad_t) else None, cfg, grad_s, grad_t)
     assert (g_s is bs) == grad_s and (g_s is None) != grad_s
     assert (g_t is bt) == grad_t and (g_t is None) != grad_t
@@ -156,47 +174,53 @@ def test_gradients_in_place_and_only_where_asked(ext, grad_s, grad_t):
         assert torch.equal(bt, zt)
 
 
-def test_zero_row_grad_gives_zero_gradient_rows(ext):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_zero_row_grad_gives_zero_gradient_rows(ext, layout):
     gen = torch.Generator().manual_seed(5)
     cfg = _cfg("tvd", 1.0, 0.0, 100)
     zs, zt, rg = _chunk(gen, 6, 100)
     rg[::2] = 0.0
-    _, _, g_s, g_t = _run(native.native_rows, zs, zt, rg, cfg)
+    _, _, g_s, g_t = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
     assert torch.equal(g_s[::2], torch.zeros_like(g_s[::2])) and torch.equal(g_t[::2], torch.zeros_like(g_t[::2]))
     assert (g_s[1::2] != 0).any()
 
 
-def test_nan_stays_in_its_row(ext):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_stays_in_its_row(ext, layout):
     gen = torch.Generator().manual_seed(9)
     cfg = _cfg("reverse_kl", 1.0, 0.0, 600)
-    zs, zt, rg = _chunk(gen, 4, 600)
+    zs, zt, rg = _chunk(gen, 20, 600)  # 20 rows: in the column layout, rows 0-15 share one lane group
     zs[2, 555] = float("nan")
-    loss, stats, g_s, _ = _run(native.native_rows, zs, zt, rg, cfg)
+    loss, stats, g_s, _ = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
     assert torch.isnan(loss[2]) and torch.isnan(g_s[2]).all()
-    keep = [0, 1, 3]
+    keep = [r for r in range(20) if r != 2]
     assert torch.isfinite(loss[keep]).all() and torch.isfinite(stats[keep]).all() and torch.isfinite(g_s[keep]).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # determinism: one row, one thread, a fixed order
 # ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd"])
-def test_independent_of_thread_count_and_chunking(ext, name):
+def test_independent_of_thread_count_and_chunking(ext, name, layout):
     gen = torch.Generator().manual_seed(13)
     cfg = _cfg(name, 1.0, 10.0, 1031)
     zs, zt, rg = _chunk(gen, 96, 1031)  # 96 rows of ~1k entries: parallel_for splits them over the threads
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _run(native.native_rows, zs, zt, rg, cfg)
+        one = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
         torch.set_num_threads(max(2, before))
-        many = _run(native.native_rows, zs, zt, rg, cfg)
+        many = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
     finally:
         torch.set_num_threads(before)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
-    # a row's result does not depend on which chunk it is in
-    part = _run(native.native_rows, zs[40:57], zt[40:57], rg[40:57], cfg)
+    # a row's result does not depend on which chunk it is in (columns: rows 40-56 of a [1031, 96] buffer, ld 96,
+    # starting mid lane group)
+    zs_l, zt_l = _laid_out(zs, layout), _laid_out(zt, layout)
+    part = native.native_rows(zs_l[40:57].clone() if layout == "rows" else zs_l[40:57],
+                              zt_l[40:57].clone() if layout == "rows" else zt_l[40:57], rg[40:57], cfg, True, True)
     for a, b in zip(part, many):
         assert torch.equal(a, b[40:57])
 
@@ -217,7 +241,8 @@ Z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype)  # noqa
     (dict(zs=Z(3, 8, dtype=torch.float16), zt=Z(3, 8, dtype=torch.float16)), "zs must be float32 or float64"),
     (dict(zs=Z(8), zt=Z(8)), r"zs must be 2-D \[C, V\]"),
     (dict(zs=Z(3, 0), zt=Z(3, 0)), "zs must have at least one vocabulary entry"),
-    (dict(zs=Z(8, 3).T, zt=Z(3, 8)), r"zs must have contiguous rows"),
+    (dict(zs=Z(3, 16)[:, ::2], zt=Z(3, 8)), r"zs must have contiguous rows \(stride\(1\) == 1\) or contiguous columns"),
+    (dict(zs=Z(8, 3).T, zt=Z(3, 8)), r"zt must have the memory layout of zs"),
     (dict(zs=Z(3, 8), zt=Z(3, 9)), r"zt must have the shape of zs"),
     (dict(zs=Z(3, 8), zt=Z(3, 8, dtype=torch.float64)), "zt must have the dtype of zs"),
     (dict(kind=6), r"kind must be in \[0, 5\]"),
@@ -227,7 +252,7 @@ Z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype)  # noqa
     (dict(grad_s=True), r"row_grad \[C\] is required"),
     (dict(grad_t=True, row_grad=Z(4)), r"row_grad must have shape \[3\]"),
     (dict(grad_t=True, row_grad=torch.zeros(3, dtype=torch.int64)), "row_grad must be a floating-point"),
-], ids=["dtype", "1d", "empty-vocab", "strided-rows", "zt-shape", "zt-dtype", "kind", "temperature", "softcap",
+], ids=["dtype", "1d", "empty-vocab", "strided-rows", "layouts-differ", "zt-shape", "zt-dtype", "kind", "temperature", "softcap",
         "log_w", "no-row-grad", "row-grad-shape", "row-grad-dtype"])
 def test_bad_inputs_name_the_argument(ext, args, match):
     args = dict(args)

@@ -1,0 +1,337 @@
+// Native (C++) column kernel of the fused divergence: the rows function on vocabulary-major chunks, for CPU tensors.
+//
+// Why a second layout. On CPU the chunked strategy spends nearly all its time in four matmuls per chunk, and MKL runs
+// the chunk's logits as `W h^T` ([V, H] x [H, C] -> [V, C]) and the gradient matmuls on that [V, C] buffer at the
+// speed of the full-size matmuls, while `h W^T` -> [C, V] loses ~5% at chunk sizes that keep memory low (bench
+// figures in bench/README.md). So the chunk arrives vocabulary-major: entry (r, v) at x[v * ld + r], a row's entries
+// ld apart. Transposing it would cost a pass over memory; instead this kernel puts W consecutive rows in the vector
+// lanes and sweeps the vocabulary down the columns, all W rows at once. Per row the math and the passes are the row
+// kernel's (fused_divergence_cpu.cpp; per-entry formulas shared in divergence_math.h):
+//
+//   pass 1  blocks of kColBlock vocabulary entries: the block's maxima first (tanh(z / cap) stored in place under a
+//           softcap), then, against the running maxima, the sums of exp and the KL accumulator; a lane whose maximum
+//           moved is rebased in double, like the row kernel's running sums.
+//   pass 2  (JSD, TVD, skew KLs) the sums of phi, q*g and p*h once both lse are known.
+//   pass 3  when a gradient is wanted: G written in place, already multiplied by row_grad / T.
+//
+// Memory order. A task is a contiguous range of rows (whole lane groups); within a vocabulary block it visits its
+// groups left to right, so each block row's segment [r0, r1) is read front to back: whole cache lines, while a block
+// of one group (kColBlock x W entries per model) stays in L1 between its max and exp sweeps.
+//
+// Sums: a lane adds at most kColBlock terms in T, blocks are added in double (the row kernel adds kBlock / W terms
+// per lane, the same count for float32 on AVX2). Lanes past the last row of a partial group compute on zeros (finite,
+// independent of the other lanes) and are never stored; every row's result is computed by one thread in a fixed
+// order, so it does not depend on the thread count or on which rows share its task.
+
+#include <torch/extension.h>
+
+#include "divergence_math.h"
+#include "native_common.h"
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+namespace minillm_fast_native {
+namespace divergence {
+namespace {
+
+using common::kLogZero;
+using common::load;
+using common::store;
+
+// Vocabulary entries per block: one lane group's block (64 x 32 B per model for float32 on AVX2) is read twice
+// while in L1, and the whole task's block (64 rows of its segment) stays in L2 for the next group.
+constexpr int64_t kColBlock = 16;
+
+// A lane group: U vectors of W rows each (U = 2: a float32 group on AVX2 is one 64-byte cache line of a column
+// block row, and two independent exp chains per entry keep the FMA units busy).
+constexpr int64_t U = 2;
+
+// Calls f(tail, g, base, n) for the lane groups of rows [r0, r1): group g holds rows base .. base + n - 1, `tail` is
+// std::true_type for a last, partial group (n < U * W).
+template <typename T, typename F>
+inline void for_groups(int64_t r0, int64_t r1, F&& f) {
+  constexpr int64_t G = U * Vectorized<T>::size();
+  int64_t g = 0, base = r0;
+  for (; base + G <= r1; base += G, ++g) f(std::false_type{}, g, base, G);
+  if (base < r1) f(std::true_type{}, g, base, r1 - base);
+}
+
+// Lanes of vector u of a group of n rows.
+template <typename T>
+inline int64_t lanes_of(int64_t n, int64_t u) {
+  constexpr int64_t W = Vectorized<T>::size();
+  return std::max<int64_t>(0, std::min<int64_t>(W, n - u * W));
+}
+
+// One group's U vectors at column-block row p (a partial group: lanes past n read as 0, never written).
+template <typename T, typename Tail>
+struct GroupIO {
+  static void load(const T* p, int64_t n, Vectorized<T> (&x)[U]) {
+    constexpr int64_t W = Vectorized<T>::size();
+    for (int64_t u = 0; u < U; ++u) {
+      if constexpr (Tail::value) x[u] = Vectorized<T>::loadu(p + u * W, lanes_of<T>(n, u));
+      else x[u] = Vectorized<T>::loadu(p + u * W);
+    }
+  }
+  static void store(T* p, int64_t n, const Vectorized<T>& x, int64_t u) {
+    constexpr int64_t W = Vectorized<T>::size();
+    if constexpr (Tail::value) {
+      const int64_t m = lanes_of<T>(n, u);
+      if (m > 0) x.store(p + u * W, m);
+    } else {
+      x.store(p + u * W);
+    }
+  }
+};
+
+// The next group's entries of the same block row, one group (a block's sweep, ~1 us) ahead of their use: the hardware
+// prefetchers do not follow the 64 interleaved column streams of a block, and a missed line costs ~100 ns.
+template <typename T>
+inline void prefetch_next(const T* ps, const T* pt) {
+  constexpr int64_t GW = U * Vectorized<T>::size();
+  for (int64_t off = GW; off < 2 * GW; off += 64 / sizeof(T)) {
+    __builtin_prefetch(ps + off);
+    __builtin_prefetch(pt + off);
+  }
+}
+
+// A compensated (Kahan) vector sum: the sums whose terms have both signs (the KL accumulator, pass 2's phi, q*g,
+// p*h) cancel, and their rounding error, which is relative to the partial sums, would otherwise show in the loss and
+// through c_s, c_t in every gradient entry. Four more vector ops per term; the positive sums of exp need none.
+template <typename T>
+struct Compensated {
+  Vectorized<T> sum = Vectorized<T>(T(0)), carry = Vectorized<T>(T(0));
+  void add(const Vectorized<T>& x) {
+    const Vectorized<T> y = x - carry;
+    const Vectorized<T> t = sum + y;
+    carry = (t - sum) - y;
+    sum = t;
+  }
+};
+
+// Per-lane state vectors of group lanes [i0, i0 + U * W) from an array.
+template <typename T>
+inline void load_state(const std::vector<T>& a, int64_t i0, Vectorized<T> (&x)[U]) {
+  for (int64_t u = 0; u < U; ++u) x[u] = Vectorized<T>::loadu(&a[i0 + u * Vectorized<T>::size()]);
+}
+
+template <typename T>
+inline void store_state(std::vector<T>& a, int64_t i0, const Vectorized<T> (&x)[U]) {
+  for (int64_t u = 0; u < U; ++u) x[u].store(&a[i0 + u * Vectorized<T>::size()]);
+}
+
+template <typename T, int64_t KIND>
+void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64_t r1, const Consts<T>& k,
+          const T* scale, bool grad_s, bool grad_t, T* out_loss, T* out_stats) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t GW = U * Vec::size();
+  const Vec mult(k.mult), inv_cap(k.inv_cap), zero(T(0)), one(T(1));
+  const int64_t lanes = (r1 - r0 + GW - 1) / GW * GW;
+  // Per-lane state (lane i is row r0 + i): running maxima in T, sums in double; after pass 1 log l and c_s, c_t in T
+  // for the vector passes.
+  std::vector<T> m_s(lanes, static_cast<T>(kLogZero)), m_t(lanes, static_cast<T>(kLogZero));
+  std::vector<T> log_l_s(lanes), log_l_t(lanes), vc_s(lanes), vc_t(lanes), vscale(lanes, T(0));
+  std::vector<double> l_s(lanes, 0.0), l_t(lanes, 0.0), acc(lanes, 0.0), loss(lanes), c_s(lanes), c_t(lanes);
+  std::vector<T> part_s(lanes), part_t(lanes), part_a(lanes);  // one block's vector sums
+
+  // ---- pass 0: the rows' maxima (tanh(z / cap) stored in place under a softcap)
+  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
+    const int64_t b1 = std::min(V, b0 + kColBlock);
+    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
+      using IO = GroupIO<T, decltype(tail)>;
+      T* ps = xs + base;
+      T* pt = xt + base;
+      const int64_t i0 = g * GW;
+      Vec max_s[U], max_t[U], a[U], b[U];
+      load_state(m_s, i0, max_s);
+      load_state(m_t, i0, max_t);
+      for (int64_t v = b0; v < b1; ++v) {
+        IO::load(ps + v * ld_s, n, a);
+        IO::load(pt + v * ld_t, n, b);
+        prefetch_next(ps + v * ld_s, pt + v * ld_t);
+        for (int64_t u = 0; u < U; ++u) {
+          if (k.use_cap) {
+            a[u] = (a[u] * inv_cap).tanh();
+            b[u] = (b[u] * inv_cap).tanh();
+            IO::store(ps + v * ld_s, n, a[u], u);
+            IO::store(pt + v * ld_t, n, b[u], u);
+          }
+          max_s[u] = at::vec::maximum(max_s[u], a[u] * mult);  // propagates NaN
+          max_t[u] = at::vec::maximum(max_t[u], b[u] * mult);
+        }
+      }
+      store_state(m_s, i0, max_s);
+      store_state(m_t, i0, max_t);
+    });
+  }
+
+  // ---- pass 1: sums of exp about the maxima (and the KL accumulator), in T within a block, in double across
+  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
+    const int64_t b1 = std::min(V, b0 + kColBlock);
+    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
+      using IO = GroupIO<T, decltype(tail)>;
+      const T* ps = xs + base;
+      const T* pt = xt + base;
+      const int64_t i0 = g * GW;
+      Vec vm_s[U], vm_t[U], sum_s[U], sum_t[U], a[U], b[U];
+      Compensated<T> sum_acc[U];
+      load_state(m_s, i0, vm_s);
+      load_state(m_t, i0, vm_t);
+      for (int64_t u = 0; u < U; ++u) sum_s[u] = sum_t[u] = zero;
+      for (int64_t v = b0; v < b1; ++v) {
+        IO::load(ps + v * ld_s, n, a);
+        IO::load(pt + v * ld_t, n, b);
+        prefetch_next(ps + v * ld_s, pt + v * ld_t);
+        for (int64_t u = 0; u < U; ++u) {
+          const Vec da = a[u] * mult - vm_s[u], db = b[u] * mult - vm_t[u];
+          const Vec ea = da.exp(), eb = db.exp();
+          sum_s[u] += ea;
+          sum_t[u] += eb;
+          if constexpr (KIND <= FORWARD_KL) sum_acc[u].add(kl_term<KIND>(da, db, ea, eb));
+        }
+      }
+      store_state(part_s, i0, sum_s);
+      store_state(part_t, i0, sum_t);
+      for (int64_t u = 0; u < U; ++u) sum_acc[u].sum.store(&part_a[i0 + u * Vec::size()]);
+      for (int64_t i = i0; i < i0 + GW; ++i) {
+        l_s[i] += part_s[i];
+        l_t[i] += part_t[i];
+        acc[i] += part_a[i];
+      }
+    });
+  }
+  for (int64_t i = 0; i < lanes; ++i) {
+    const double log_ls = std::log(l_s[i]), log_lt = std::log(l_t[i]);
+    kl_finish<KIND>(acc[i], l_s[i], l_t[i], log_ls, log_lt, loss[i], c_s[i], c_t[i]);
+    // lq = (s - m_s) - log l_s: the shift by the row maximum is exact (as in the row kernel)
+    log_l_s[i] = static_cast<T>(log_ls);
+    log_l_t[i] = static_cast<T>(log_lt);
+  }
+
+  // ---- pass 2: the other divergences need normalised probabilities
+  if constexpr (KIND > FORWARD_KL) {
+    for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
+      const int64_t b1 = std::min(V, b0 + kColBlock);
+      for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
+        using IO = GroupIO<T, decltype(tail)>;
+        const int64_t i0 = g * GW;
+        Vec vm_s[U], vm_t[U], vls[U], vlt[U], a[U], b[U];
+        Compensated<T> sum_phi[U], sum_qg[U], sum_ph[U];
+        load_state(m_s, i0, vm_s);
+        load_state(m_t, i0, vm_t);
+        load_state(log_l_s, i0, vls);
+        load_state(log_l_t, i0, vlt);
+        for (int64_t v = b0; v < b1; ++v) {
+          IO::load(xs + base + v * ld_s, n, a);
+          IO::load(xt + base + v * ld_t, n, b);
+          prefetch_next(xs + base + v * ld_s, xt + base + v * ld_t);
+          for (int64_t u = 0; u < U; ++u) {
+            const Vec lq = (a[u] * mult - vm_s[u]) - vls[u], lp = (b[u] * mult - vm_t[u]) - vlt[u];
+            Vec phi, qg, ph;
+            terms<T, KIND>(lq, lp, k, phi, qg, ph);
+            sum_phi[u].add(phi);
+            sum_qg[u].add(qg);
+            sum_ph[u].add(ph);
+          }
+        }
+        for (int64_t u = 0; u < U; ++u) {
+          sum_phi[u].sum.store(&part_s[i0 + u * Vec::size()]);
+          sum_qg[u].sum.store(&part_t[i0 + u * Vec::size()]);
+          sum_ph[u].sum.store(&part_a[i0 + u * Vec::size()]);
+        }
+        for (int64_t i = i0; i < i0 + GW; ++i) {
+          loss[i] += part_s[i];
+          c_s[i] += part_t[i];
+          c_t[i] += part_a[i];
+        }
+      });
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = r - r0;
+    out_loss[r] = static_cast<T>(loss[i]);
+    T* st = out_stats + 6 * r;
+    st[0] = m_s[i];
+    st[1] = log_l_s[i];
+    st[2] = m_t[i];
+    st[3] = log_l_t[i];
+    st[4] = static_cast<T>(c_s[i]);
+    st[5] = static_cast<T>(c_t[i]);
+    vc_s[i] = static_cast<T>(c_s[i]);
+    vc_t[i] = static_cast<T>(c_t[i]);
+    if (scale) vscale[i] = scale[r];
+  }
+  if (!grad_s && !grad_t) return;
+
+  // ---- pass 3: G = (q*g - q c_s) * row_grad / T (likewise p*h - p c_t), times 1 - tanh^2 under a softcap
+  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
+    const int64_t b1 = std::min(V, b0 + kColBlock);
+    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
+      using IO = GroupIO<T, decltype(tail)>;
+      T* ps = xs + base;
+      T* pt = xt + base;
+      const int64_t i0 = g * GW;
+      Vec vm_s[U], vm_t[U], vls[U], vlt[U], cs[U], ct[U], sc[U], a[U], b[U];
+      load_state(m_s, i0, vm_s);
+      load_state(m_t, i0, vm_t);
+      load_state(log_l_s, i0, vls);
+      load_state(log_l_t, i0, vlt);
+      load_state(vc_s, i0, cs);
+      load_state(vc_t, i0, ct);
+      load_state(vscale, i0, sc);
+      for (int64_t v = b0; v < b1; ++v) {
+        IO::load(ps + v * ld_s, n, a);
+        IO::load(pt + v * ld_t, n, b);
+        prefetch_next(ps + v * ld_s, pt + v * ld_t);
+        for (int64_t u = 0; u < U; ++u) {
+          const Vec lq = (a[u] * mult - vm_s[u]) - vls[u], lp = (b[u] * mult - vm_t[u]) - vlt[u];
+          Vec g_s, g_t;
+          grads<T, KIND>(lq, lp, cs[u], ct[u], k, grad_s, grad_t, g_s, g_t);
+          if (grad_s) {
+            g_s = g_s * sc[u];
+            if (k.use_cap) g_s = g_s * (one - a[u] * a[u]);
+            IO::store(ps + v * ld_s, n, g_s, u);
+          }
+          if (grad_t) {
+            g_t = g_t * sc[u];
+            if (k.use_cap) g_t = g_t * (one - b[u] * b[u]);
+            IO::store(pt + v * ld_t, n, g_t, u);
+          }
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void divergence_cols(int64_t kind, T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64_t r1,
+                     const Consts<T>& k, const T* scale, bool grad_s, bool grad_t, T* out_loss, T* out_stats) {
+  switch (kind) {
+    case REVERSE_KL: return cols<T, REVERSE_KL>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss,
+                                                out_stats);
+    case FORWARD_KL: return cols<T, FORWARD_KL>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss,
+                                                out_stats);
+    case JSD: return cols<T, JSD>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss, out_stats);
+    case TVD: return cols<T, TVD>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss, out_stats);
+    case SKEW_FORWARD_KL: return cols<T, SKEW_FORWARD_KL>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t,
+                                                          out_loss, out_stats);
+    default: return cols<T, SKEW_REVERSE_KL>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss,
+                                             out_stats);
+  }
+}
+
+template void divergence_cols<float>(int64_t, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                     const Consts<float>&, const float*, bool, bool, float*, float*);
+template void divergence_cols<double>(int64_t, double*, double*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                      const Consts<double>&, const double*, bool, bool, double*, double*);
+
+}  // namespace divergence
+}  // namespace minillm_fast_native

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import divergences
+from . import divergences, hugepages
 from .divergences import Divergence
 
 
@@ -38,7 +38,8 @@ class DivergenceConfig:
 # A rows function: (zs [C, V], zt [C, V], row_grad [C] | None, cfg, grad_s, grad_t) -> (loss [C], stats [C, 6],
 # dL/dzs [C, V] | None, dL/dzt [C, V] | None). It may overwrite zs and zt. stats = (m_s, log l_s, m_t, log l_t, c_s,
 # c_t): row max and log-sum-exp about it, kept apart (kernels/fused_divergence.py explains why), and the sums of q*g
-# and p*h.
+# and p*h. A rows function with the attribute ``vocab_major = True`` is handed chunks laid out vocabulary-major (the
+# [C, V] transpose of a row-major [V, C], see ChunkLogits) and returns its gradients in that layout.
 RowsFn = Callable[..., tuple]
 
 
@@ -93,22 +94,36 @@ class ChunkLogits:
     ``_chunk_logits`` computes them, written into one buffer of ``rows`` rows that every chunk reuses: the rows
     functions may overwrite it in place, and a fresh ``[C, V]`` per chunk would hold a third buffer while the last
     chunk's is still referenced, and cost its page faults again each time. A returned chunk is valid until the next
-    call."""
+    call.
 
-    def __init__(self, w: torch.Tensor, b: Optional[torch.Tensor], vocab_size: int, rows: int, dtype: torch.dtype):
-        self.w_t = w[:vocab_size].T
+    ``vocab_major``: the chunk is computed as ``W h^T`` into a row-major ``[V, C]`` buffer and returned as its
+    transpose (a ``[C, V]`` view with strides ``(1, C)``), for rows functions that take that layout
+    (``rows_fn.vocab_major``, the native CPU kernel): on CPU, MKL runs ``W h^T`` and the gradient matmuls on a
+    ``[V, C]`` G at the speed of the full-size matmuls, where ``h W^T`` loses ~5% at a few hundred rows
+    (bench/README.md, "Chunk layout")."""
+
+    def __init__(self, w: torch.Tensor, b: Optional[torch.Tensor], vocab_size: int, rows: int, dtype: torch.dtype,
+                 vocab_major: bool = False):
+        self.w = w[:vocab_size]
         self.b = None if b is None else b[:vocab_size]
-        self.buf = torch.empty(rows, vocab_size, dtype=dtype, device=w.device)
+        self.vocab_major = vocab_major
+        self.buf = hugepages.empty(rows * vocab_size, dtype=dtype, device=w.device)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.buf[: h.shape[0]]
-        if h.dtype != out.dtype:  # bf16 / fp16: the product in the inputs' dtype, then fp32
-            out.copy_(h @ self.w_t if self.b is None else torch.addmm(self.b, h, self.w_t))
-        elif self.b is None:
-            torch.mm(h, self.w_t, out=out)
+        c, v = h.shape[0], self.w.shape[0]
+        if self.vocab_major:  # [V, C] contiguous for this chunk's C (the last chunk may be shorter)
+            out = self.buf[: v * c].view(v, c)
+            a, m, bias = self.w, h.T, (None if self.b is None else self.b[:, None])
         else:
-            torch.addmm(self.b, h, self.w_t, out=out)
-        return out
+            out = self.buf[: c * v].view(c, v)
+            a, m, bias = h, self.w.T, self.b
+        if h.dtype != out.dtype:  # bf16 / fp16: the product in the inputs' dtype, then fp32
+            out.copy_(a @ m if bias is None else torch.addmm(bias, a, m))
+        elif bias is None:
+            torch.mm(a, m, out=out)
+        else:
+            torch.addmm(bias, a, m, out=out)
+        return out.T if self.vocab_major else out
 
 
 class _HeadGrads:
@@ -119,7 +134,12 @@ class _HeadGrads:
         self.h, self.w, self.vocab_size = h, w[:vocab_size], vocab_size
         # contiguous whatever the input's strides: the ops promise (and their fakes declare) row-major gradients
         self.gh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None
-        self.gw = torch.zeros(w.shape, dtype=acc, device=w.device) if needs[1] else None
+        # The head gradient's first chunk is written, not added (no memset of [V, H] before it): `gw_written` says
+        # whether it has been. Rows past the vocabulary (padding) get no gradient: zeroed here.
+        self.gw = hugepages.empty(*w.shape, dtype=acc, device=w.device) if needs[1] else None
+        if self.gw is not None:
+            self.gw[vocab_size:].zero_()
+        self.gw_written = False
         self.gb = torch.zeros(w.shape[0], dtype=acc, device=w.device) if (needs[2] and b is not None) else None
         self.w_dtype = w.dtype
 
@@ -128,20 +148,29 @@ class _HeadGrads:
         return self.gh is not None or self.gw is not None or self.gb is not None
 
     def add(self, rows: slice, g: torch.Tensor) -> None:
-        """Fold ``g = dL/dz`` of the chunk ``rows`` ([C, V] fp32) into the buffers."""
+        """Fold ``g = dL/dz`` of the chunk ``rows`` ([C, V] fp32, row- or vocabulary-major) into the buffers."""
         g_in = g.to(self.h.dtype)  # the gradient matmuls run in the inputs' dtype, as autograd's would
         if self.gh is not None:
             torch.mm(g_in, self.w, out=self.gh[rows])
         if self.gw is not None:
             gw = self.gw[: self.vocab_size]
-            if g_in.dtype == gw.dtype:
-                gw.addmm_(g_in.T, self.h[rows])
+            if g_in.dtype != gw.dtype:
+                part = (g_in.T @ self.h[rows]).to(gw.dtype)
+                if self.gw_written:
+                    gw.add_(part)
+                else:
+                    gw.copy_(part)
+            elif not self.gw_written:
+                torch.mm(g_in.T, self.h[rows], out=gw)
             else:
-                gw += (g_in.T @ self.h[rows]).to(gw.dtype)
+                gw.addmm_(g_in.T, self.h[rows])
+            self.gw_written = True
         if self.gb is not None:
             self.gb[: self.vocab_size] += g.sum(0).to(self.gb.dtype)
 
     def result(self):
+        if self.gw is not None and not self.gw_written:  # no rows: a zero gradient
+            self.gw.zero_()
         return (self.gh,
                 None if self.gw is None else self.gw.to(self.w_dtype),
                 None if self.gb is None else self.gb.to(self.w_dtype))
@@ -162,8 +191,9 @@ def run(hs, ws, bs, ht, wt, bt, cfg: DivergenceConfig, *, rows_fn: RowsFn, chunk
     stats = torch.empty(n, 6, dtype=f, device=hs.device) if want_loss else None
     student = _HeadGrads(hs, ws, bs, needs[:3], v)
     teacher = _HeadGrads(ht, wt, bt, needs[3:], v)
-    student_logits = ChunkLogits(ws, bs, v, min(chunk_size, n), f)
-    teacher_logits = ChunkLogits(wt, bt, v, min(chunk_size, n), f)
+    vocab_major = getattr(rows_fn, "vocab_major", False)
+    student_logits = ChunkLogits(ws, bs, v, min(chunk_size, n), f, vocab_major)
+    teacher_logits = ChunkLogits(wt, bt, v, min(chunk_size, n), f, vocab_major)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
         zs, zt = student_logits(hs[rows]), teacher_logits(ht[rows])

@@ -8,20 +8,28 @@
 // lanes and sweeps the vocabulary down the columns, all W rows at once. Per row the math and the passes are the row
 // kernel's (fused_divergence_cpu.cpp; per-entry formulas shared in divergence_math.h):
 //
-//   pass 1  blocks of kColBlock vocabulary entries: the block's maxima first (tanh(z / cap) stored in place under a
-//           softcap), then, against the running maxima, the sums of exp and the KL accumulator; a lane whose maximum
-//           moved is rebased in double, like the row kernel's running sums.
+//   pass 0  the rows' maxima (tanh(z / cap) stored in place under a softcap). A pass of its own, so that pass 1
+//           takes its exps against the final maxima and no running sum is ever rebased: with one-hot rows whose
+//           two models peak in different blocks, a rebased KL accumulator no longer cancels exactly against the
+//           log-probabilities of pass 3, and the gradient of a row at rest would be a rounding error instead of 0.
+//   pass 1  the sums of exp of both models and the KL accumulator (the KLs' loss and c_s, c_t in closed form).
 //   pass 2  (JSD, TVD, skew KLs) the sums of phi, q*g and p*h once both lse are known.
 //   pass 3  when a gradient is wanted: G written in place, already multiplied by row_grad / T.
 //
-// Memory order. A task is a contiguous range of rows (whole lane groups); within a vocabulary block it visits its
-// groups left to right, so each block row's segment [r0, r1) is read front to back: whole cache lines, while a block
-// of one group (kColBlock x W entries per model) stays in L1 between its max and exp sweeps.
+// Memory order. A task is a contiguous range of rows (whole lane groups of U x W rows, a 64-byte cache line of a
+// block row for float32 on AVX2); each pass goes over the vocabulary in blocks of kColBlock entries and, within a
+// block, over the task's groups left to right, so each block row's segment [r0, r1) is read front to back while the
+// block (kColBlock rows of it) stays in L2. The next group's line is prefetched one group ahead: the hardware
+// prefetchers do not follow kColBlock interleaved column streams.
 //
-// Sums: a lane adds at most kColBlock terms in T, blocks are added in double (the row kernel adds kBlock / W terms
-// per lane, the same count for float32 on AVX2). Lanes past the last row of a partial group compute on zeros (finite,
-// independent of the other lanes) and are never stored; every row's result is computed by one thread in a fixed
-// order, so it does not depend on the thread count or on which rows share its task.
+// Sums: a lane adds kColBlock terms in T per block (compensated where terms have both signs), blocks are added in
+// double, so the error does not grow with the vocabulary. Lanes past the last row of a partial group compute on
+// zeros (finite, independent of the other lanes) and are never stored; every row's result is computed by one thread
+// in a fixed order, so it does not depend on the thread count or on which rows share its task.
+//
+// Cost: the chunk is read three times (passes 0, 1, 3) and written once; a chunk takes ~30% longer than the row
+// kernel takes on the same chunk row-major (bench/README.md, "Chunk layout"), which the faster matmuls of this
+// layout more than repay.
 
 #include <torch/extension.h>
 
@@ -44,8 +52,8 @@ using common::kLogZero;
 using common::load;
 using common::store;
 
-// Vocabulary entries per block: one lane group's block (64 x 32 B per model for float32 on AVX2) is read twice
-// while in L1, and the whole task's block (64 rows of its segment) stays in L2 for the next group.
+// Vocabulary entries per block: the length of a lane's T sums before they go to double, and the number of block
+// rows whose segments stay in L2 while the task's groups go over them.
 constexpr int64_t kColBlock = 16;
 
 // A lane group: U vectors of W rows each (U = 2: a float32 group on AVX2 is one 64-byte cache line of a column
@@ -60,6 +68,16 @@ inline void for_groups(int64_t r0, int64_t r1, F&& f) {
   int64_t g = 0, base = r0;
   for (; base + G <= r1; base += G, ++g) f(std::false_type{}, g, base, G);
   if (base < r1) f(std::true_type{}, g, base, r1 - base);
+}
+
+// Calls f(tail, b0, b1, g, base, n) for every vocabulary block [b0, b1) and, within it, every lane group of rows
+// [r0, r1) (see for_groups): the memory order described at the top of this file.
+template <typename T, typename F>
+inline void for_blocks(int64_t V, int64_t r0, int64_t r1, F&& f) {
+  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
+    const int64_t b1 = std::min(V, b0 + kColBlock);
+    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) { f(tail, b0, b1, g, base, n); });
+  }
 }
 
 // Lanes of vector u of a group of n rows.
@@ -90,8 +108,9 @@ struct GroupIO {
   }
 };
 
-// The next group's entries of the same block row, one group (a block's sweep, ~1 us) ahead of their use: the hardware
-// prefetchers do not follow the 64 interleaved column streams of a block, and a missed line costs ~100 ns.
+// The next group's entries of the same block row, one group (a block's sweep) ahead of their use: the hardware
+// prefetchers do not follow the kColBlock interleaved column streams of a block, and a missed line costs ~100 ns
+// (prefetching took a 768-row reverse-KL chunk from 86 to 74 ms).
 template <typename T>
 inline void prefetch_next(const T* ps, const T* pt) {
   constexpr int64_t GW = U * Vectorized<T>::size();
@@ -141,71 +160,65 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
   std::vector<T> part_s(lanes), part_t(lanes), part_a(lanes);  // one block's vector sums
 
   // ---- pass 0: the rows' maxima (tanh(z / cap) stored in place under a softcap)
-  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
-    const int64_t b1 = std::min(V, b0 + kColBlock);
-    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
-      using IO = GroupIO<T, decltype(tail)>;
-      T* ps = xs + base;
-      T* pt = xt + base;
-      const int64_t i0 = g * GW;
-      Vec max_s[U], max_t[U], a[U], b[U];
-      load_state(m_s, i0, max_s);
-      load_state(m_t, i0, max_t);
-      for (int64_t v = b0; v < b1; ++v) {
-        IO::load(ps + v * ld_s, n, a);
-        IO::load(pt + v * ld_t, n, b);
-        prefetch_next(ps + v * ld_s, pt + v * ld_t);
-        for (int64_t u = 0; u < U; ++u) {
-          if (k.use_cap) {
-            a[u] = (a[u] * inv_cap).tanh();
-            b[u] = (b[u] * inv_cap).tanh();
-            IO::store(ps + v * ld_s, n, a[u], u);
-            IO::store(pt + v * ld_t, n, b[u], u);
-          }
-          max_s[u] = at::vec::maximum(max_s[u], a[u] * mult);  // propagates NaN
-          max_t[u] = at::vec::maximum(max_t[u], b[u] * mult);
+  for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
+    using IO = GroupIO<T, decltype(tail)>;
+    T* ps = xs + base;
+    T* pt = xt + base;
+    const int64_t i0 = g * GW;
+    Vec max_s[U], max_t[U], a[U], b[U];
+    load_state(m_s, i0, max_s);
+    load_state(m_t, i0, max_t);
+    for (int64_t v = b0; v < b1; ++v) {
+      IO::load(ps + v * ld_s, n, a);
+      IO::load(pt + v * ld_t, n, b);
+      prefetch_next(ps + v * ld_s, pt + v * ld_t);
+      for (int64_t u = 0; u < U; ++u) {
+        if (k.use_cap) {
+          a[u] = (a[u] * inv_cap).tanh();
+          b[u] = (b[u] * inv_cap).tanh();
+          IO::store(ps + v * ld_s, n, a[u], u);
+          IO::store(pt + v * ld_t, n, b[u], u);
         }
+        max_s[u] = at::vec::maximum(max_s[u], a[u] * mult);  // propagates NaN
+        max_t[u] = at::vec::maximum(max_t[u], b[u] * mult);
       }
-      store_state(m_s, i0, max_s);
-      store_state(m_t, i0, max_t);
-    });
-  }
+    }
+    store_state(m_s, i0, max_s);
+    store_state(m_t, i0, max_t);
+  });
 
   // ---- pass 1: sums of exp about the maxima (and the KL accumulator), in T within a block, in double across
-  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
-    const int64_t b1 = std::min(V, b0 + kColBlock);
-    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
-      using IO = GroupIO<T, decltype(tail)>;
-      const T* ps = xs + base;
-      const T* pt = xt + base;
-      const int64_t i0 = g * GW;
-      Vec vm_s[U], vm_t[U], sum_s[U], sum_t[U], a[U], b[U];
-      Compensated<T> sum_acc[U];
-      load_state(m_s, i0, vm_s);
-      load_state(m_t, i0, vm_t);
-      for (int64_t u = 0; u < U; ++u) sum_s[u] = sum_t[u] = zero;
-      for (int64_t v = b0; v < b1; ++v) {
-        IO::load(ps + v * ld_s, n, a);
-        IO::load(pt + v * ld_t, n, b);
-        prefetch_next(ps + v * ld_s, pt + v * ld_t);
-        for (int64_t u = 0; u < U; ++u) {
-          const Vec da = a[u] * mult - vm_s[u], db = b[u] * mult - vm_t[u];
-          const Vec ea = da.exp(), eb = db.exp();
-          sum_s[u] += ea;
-          sum_t[u] += eb;
-          if constexpr (KIND <= FORWARD_KL) sum_acc[u].add(kl_term<KIND>(da, db, ea, eb));
-        }
+  for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
+    using IO = GroupIO<T, decltype(tail)>;
+    const T* ps = xs + base;
+    const T* pt = xt + base;
+    const int64_t i0 = g * GW;
+    Vec vm_s[U], vm_t[U], sum_s[U], sum_t[U], a[U], b[U];
+    Compensated<T> sum_acc[U];
+    load_state(m_s, i0, vm_s);
+    load_state(m_t, i0, vm_t);
+    for (int64_t u = 0; u < U; ++u) sum_s[u] = sum_t[u] = zero;
+    for (int64_t v = b0; v < b1; ++v) {
+      IO::load(ps + v * ld_s, n, a);
+      IO::load(pt + v * ld_t, n, b);
+      prefetch_next(ps + v * ld_s, pt + v * ld_t);
+      for (int64_t u = 0; u < U; ++u) {
+        const Vec da = a[u] * mult - vm_s[u], db = b[u] * mult - vm_t[u];
+        const Vec ea = da.exp(), eb = db.exp();
+        sum_s[u] += ea;
+        sum_t[u] += eb;
+        if constexpr (KIND <= FORWARD_KL) sum_acc[u].add(kl_term<KIND>(da, db, ea, eb));
       }
-      store_state(part_s, i0, sum_s);
-      store_state(part_t, i0, sum_t);
-      for (int64_t u = 0; u < U; ++u) sum_acc[u].sum.store(&part_a[i0 + u * Vec::size()]);
-      for (int64_t i = i0; i < i0 + GW; ++i) {
-        l_s[i] += part_s[i];
-        l_t[i] += part_t[i];
-        acc[i] += part_a[i];
-      }
-    });
-  }
+    }
+    store_state(part_s, i0, sum_s);
+    store_state(part_t, i0, sum_t);
+    for (int64_t u = 0; u < U; ++u) sum_acc[u].sum.store(&part_a[i0 + u * Vec::size()]);
+    for (int64_t i = i0; i < i0 + GW; ++i) {
+      l_s[i] += part_s[i];
+      l_t[i] += part_t[i];
+      acc[i] += part_a[i];
+    }
+  });
   for (int64_t i = 0; i < lanes; ++i) {
     const double log_ls = std::log(l_s[i]), log_lt = std::log(l_t[i]);
     kl_finish<KIND>(acc[i], l_s[i], l_t[i], log_ls, log_lt, loss[i], c_s[i], c_t[i]);
@@ -216,42 +229,39 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
 
   // ---- pass 2: the other divergences need normalised probabilities
   if constexpr (KIND > FORWARD_KL) {
-    for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
-      const int64_t b1 = std::min(V, b0 + kColBlock);
-      for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
-        using IO = GroupIO<T, decltype(tail)>;
-        const int64_t i0 = g * GW;
-        Vec vm_s[U], vm_t[U], vls[U], vlt[U], a[U], b[U];
-        Compensated<T> sum_phi[U], sum_qg[U], sum_ph[U];
-        load_state(m_s, i0, vm_s);
-        load_state(m_t, i0, vm_t);
-        load_state(log_l_s, i0, vls);
-        load_state(log_l_t, i0, vlt);
-        for (int64_t v = b0; v < b1; ++v) {
-          IO::load(xs + base + v * ld_s, n, a);
-          IO::load(xt + base + v * ld_t, n, b);
-          prefetch_next(xs + base + v * ld_s, xt + base + v * ld_t);
-          for (int64_t u = 0; u < U; ++u) {
-            const Vec lq = (a[u] * mult - vm_s[u]) - vls[u], lp = (b[u] * mult - vm_t[u]) - vlt[u];
-            Vec phi, qg, ph;
-            terms<T, KIND>(lq, lp, k, phi, qg, ph);
-            sum_phi[u].add(phi);
-            sum_qg[u].add(qg);
-            sum_ph[u].add(ph);
-          }
-        }
+    for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
+      using IO = GroupIO<T, decltype(tail)>;
+      const int64_t i0 = g * GW;
+      Vec vm_s[U], vm_t[U], vls[U], vlt[U], a[U], b[U];
+      Compensated<T> sum_phi[U], sum_qg[U], sum_ph[U];
+      load_state(m_s, i0, vm_s);
+      load_state(m_t, i0, vm_t);
+      load_state(log_l_s, i0, vls);
+      load_state(log_l_t, i0, vlt);
+      for (int64_t v = b0; v < b1; ++v) {
+        IO::load(xs + base + v * ld_s, n, a);
+        IO::load(xt + base + v * ld_t, n, b);
+        prefetch_next(xs + base + v * ld_s, xt + base + v * ld_t);
         for (int64_t u = 0; u < U; ++u) {
-          sum_phi[u].sum.store(&part_s[i0 + u * Vec::size()]);
-          sum_qg[u].sum.store(&part_t[i0 + u * Vec::size()]);
-          sum_ph[u].sum.store(&part_a[i0 + u * Vec::size()]);
+          const Vec lq = (a[u] * mult - vm_s[u]) - vls[u], lp = (b[u] * mult - vm_t[u]) - vlt[u];
+          Vec phi, qg, ph;
+          terms<T, KIND>(lq, lp, k, phi, qg, ph);
+          sum_phi[u].add(phi);
+          sum_qg[u].add(qg);
+          sum_ph[u].add(ph);
         }
-        for (int64_t i = i0; i < i0 + GW; ++i) {
-          loss[i] += part_s[i];
-          c_s[i] += part_t[i];
-          c_t[i] += part_a[i];
-        }
-      });
-    }
+      }
+      for (int64_t u = 0; u < U; ++u) {
+        sum_phi[u].sum.store(&part_s[i0 + u * Vec::size()]);
+        sum_qg[u].sum.store(&part_t[i0 + u * Vec::size()]);
+        sum_ph[u].sum.store(&part_a[i0 + u * Vec::size()]);
+      }
+      for (int64_t i = i0; i < i0 + GW; ++i) {
+        loss[i] += part_s[i];
+        c_s[i] += part_t[i];
+        c_t[i] += part_a[i];
+      }
+    });
   }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = r - r0;
@@ -270,43 +280,40 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
   if (!grad_s && !grad_t) return;
 
   // ---- pass 3: G = (q*g - q c_s) * row_grad / T (likewise p*h - p c_t), times 1 - tanh^2 under a softcap
-  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
-    const int64_t b1 = std::min(V, b0 + kColBlock);
-    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
-      using IO = GroupIO<T, decltype(tail)>;
-      T* ps = xs + base;
-      T* pt = xt + base;
-      const int64_t i0 = g * GW;
-      Vec vm_s[U], vm_t[U], vls[U], vlt[U], cs[U], ct[U], sc[U], a[U], b[U];
-      load_state(m_s, i0, vm_s);
-      load_state(m_t, i0, vm_t);
-      load_state(log_l_s, i0, vls);
-      load_state(log_l_t, i0, vlt);
-      load_state(vc_s, i0, cs);
-      load_state(vc_t, i0, ct);
-      load_state(vscale, i0, sc);
-      for (int64_t v = b0; v < b1; ++v) {
-        IO::load(ps + v * ld_s, n, a);
-        IO::load(pt + v * ld_t, n, b);
-        prefetch_next(ps + v * ld_s, pt + v * ld_t);
-        for (int64_t u = 0; u < U; ++u) {
-          const Vec lq = (a[u] * mult - vm_s[u]) - vls[u], lp = (b[u] * mult - vm_t[u]) - vlt[u];
-          Vec g_s, g_t;
-          grads<T, KIND>(lq, lp, cs[u], ct[u], k, grad_s, grad_t, g_s, g_t);
-          if (grad_s) {
-            g_s = g_s * sc[u];
-            if (k.use_cap) g_s = g_s * (one - a[u] * a[u]);
-            IO::store(ps + v * ld_s, n, g_s, u);
-          }
-          if (grad_t) {
-            g_t = g_t * sc[u];
-            if (k.use_cap) g_t = g_t * (one - b[u] * b[u]);
-            IO::store(pt + v * ld_t, n, g_t, u);
-          }
+  for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
+    using IO = GroupIO<T, decltype(tail)>;
+    T* ps = xs + base;
+    T* pt = xt + base;
+    const int64_t i0 = g * GW;
+    Vec vm_s[U], vm_t[U], vls[U], vlt[U], cs[U], ct[U], sc[U], a[U], b[U];
+    load_state(m_s, i0, vm_s);
+    load_state(m_t, i0, vm_t);
+    load_state(log_l_s, i0, vls);
+    load_state(log_l_t, i0, vlt);
+    load_state(vc_s, i0, cs);
+    load_state(vc_t, i0, ct);
+    load_state(vscale, i0, sc);
+    for (int64_t v = b0; v < b1; ++v) {
+      IO::load(ps + v * ld_s, n, a);
+      IO::load(pt + v * ld_t, n, b);
+      prefetch_next(ps + v * ld_s, pt + v * ld_t);
+      for (int64_t u = 0; u < U; ++u) {
+        const Vec lq = (a[u] * mult - vm_s[u]) - vls[u], lp = (b[u] * mult - vm_t[u]) - vlt[u];
+        Vec g_s, g_t;
+        grads<T, KIND>(lq, lp, cs[u], ct[u], k, grad_s, grad_t, g_s, g_t);
+        if (grad_s) {
+          g_s = g_s * sc[u];
+          if (k.use_cap) g_s = g_s * (one - a[u] * a[u]);
+          IO::store(ps + v * ld_s, n, g_s, u);
+        }
+        if (grad_t) {
+          g_t = g_t * sc[u];
+          if (k.use_cap) g_t = g_t * (one - b[u] * b[u]);
+          IO::store(pt + v * ld_t, n, g_t, u);
         }
       }
-    });
-  }
+    }
+  });
 }
 
 }  // namespace

@@ -273,7 +273,10 @@ def _run(args, device, batches: list, tmp: Path) -> list:
                 if res.get("status") != "ok":
                     unverified[job.truth_path] = f"unverified: reference failed ({res.get('error', '')[:150]})"
             elif job.kind == "floor":
-                rows += _rows_from(res, job.base, "floor", job.modes, note="the matmuls of DESIGN.md section 4 alone")
+                note = "the matmuls of DESIGN.md section 4 alone"
+                if res.get("layouts"):
+                    note += f" (faster layout per phase: {res['layouts']})"
+                rows += _rows_from(res, job.base, "floor", job.modes, note=note)
             else:
                 note = "; ".join(filter(None, [job.impl.note(job.opts), unverified.get(job.truth_path, "")]))
                 rows += _rows_from(res, job.base, job.impl.name, job.modes, note=note)

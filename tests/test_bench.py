@@ -144,3 +144,36 @@ def test_replot_draws_a_png_per_group_from_a_csv(e2e_run, tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
     assert len(pngs) == 3, pngs
     assert sum("_e2e_" in p for p in pngs) == 1
+
+
+def test_floor_keeps_the_faster_layout_per_phase():
+    """The floor is a lower bound: of two layouts of the same matmuls, the engine keeps the faster one per phase
+    (here made slower on purpose), and names its choice."""
+    import time
+
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from bench import measure
+
+    ran = []
+
+    def call(name, delay):
+        return lambda: (ran.append(name), time.sleep(delay))
+
+    matmuls = {"fwd": {"token-major": [call("fwd-tm", 0.02)], "vocab-major": [call("fwd-vm", 0.0)]},
+               "bwd": {"token-major": [call("bwd-tm", 0.0)], "vocab-major": [call("bwd-vm", 0.02)]},
+               "extra": [call("plain", 0.0)]}
+    chosen, note = measure._pick_layouts(matmuls, torch.device("cpu"))
+    assert note == "fwd vocab-major, bwd token-major"
+    ran.clear()
+    for calls in chosen.values():
+        for c in calls:
+            c()
+    assert ran == ["fwd-vm", "bwd-tm", "plain"]
+
+
+def test_quick_floor_rows_name_their_layouts(quick_run):
+    _, _, rows = quick_run
+    floors = [r for r in rows if r["impl"] == "floor" and r["op"] == "fused_divergence" and r["status"] == "ok"]
+    assert floors and all("faster layout per phase: fwd " in r["notes"] for r in floors)

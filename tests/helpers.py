@@ -225,6 +225,22 @@ def assert_within_budget(impl: Result, truth: Result, naive: Sequence[Result], d
         )
 
 
+def assert_rows_within_budget(got: Sequence, naive: Sequence, truth: Sequence, what: str = "",
+                              slack: Callable[[torch.Tensor, torch.dtype], float] = small_term) -> None:
+    """The budget for a rows function's outputs ``(loss, stats, g_s, g_t)`` (None where not asked): each is finite,
+    of naive's dtype and the truth's shape, and ``|got - truth| <= 2 |naive - truth| + slack(truth, dtype)``.
+    ``slack``: :func:`small_term` (kernels computing in the tested dtype) or :func:`rounding_slack` (computing in fp32
+    and rounding to it)."""
+    for name, x, nv, t in zip(("loss", "stats", "g_s", "g_t"), got, naive, truth):
+        if t is None:
+            assert x is None, f"{what}{name} should be None"
+            continue
+        assert x.dtype == nv.dtype and x.shape == t.shape, f"{what}{name}: {x.dtype} {tuple(x.shape)}"
+        assert torch.isfinite(x).all(), f"{what}{name} is not finite"
+        e, e_naive, small = max_err(x, t), max_err(nv, t), slack(t, x.dtype)
+        assert e <= 2 * e_naive + small, f"{what}{name}: error {e:.3e} > 2 x torch's {e_naive:.3e} + {small:.3e}"
+
+
 def check_op(tensors: dict, grad_names: Sequence[str] = STUDENT, *, backend: str, strategy: str = "auto",
              upstream=None, what: str = "", **kwargs) -> tuple[Result, Result]:
     """Run the fused op and the reference on ``tensors`` and apply the error budget; returns (impl, truth)."""

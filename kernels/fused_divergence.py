@@ -32,89 +32,17 @@ far outside the fp32 error budget). fp64 is not supported by tl.dot; the torch b
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-LOG_ZERO: tl.constexpr = -1.0e30  # finite "log 0": exp() of it is 0 and LOG_ZERO - LOG_ZERO is not NaN
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .configs import check_supported, dot_precision, interpreter_safe, rowmajor, scaling_args, tile_config
+from .tiles import LOG_ZERO, _accumulate_head_grads, _logaddexp, _logits_tile, _online_update, _scale
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# tile helpers
+# divergence helpers
 # ----------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(x):
-    # libdevice.tanh does not run under the CPU interpreter; exp-based forms lose relative accuracy near 0
-    # (1 - e^(-2|x|) cancels), so small |x| takes the odd Taylor series (error < 1e-9 relative at |x| = 0.2).
-    ax = tl.abs(x)
-    e = tl.exp(-2.0 * ax)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = x * x
-    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
-    r = tl.where(ax < 0.2, small, big)
-    return tl.where(x < 0, -r, r)
-
-
-@triton.jit
-def _logaddexp(a, b):
-    m = tl.maximum(a, b)
-    return m + tl.log(tl.exp(a - m) + tl.exp(b - m))
-
-
-@triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, o_n, o_v, N, V, H, stride_h, stride_w,
-                 HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Raw logits ``h[o_n] @ w[o_v]^T (+ b[o_v])`` as a [BLOCK_N, BLOCK_V] fp32 tile."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for k in range(0, H, BLOCK_H):
-        o_h = k + tl.arange(0, BLOCK_H)
-        b_h = tl.load(h_ptr + o_n[:, None] * stride_h + o_h[None, :],
-                      mask=(o_n[:, None] < N) & (o_h[None, :] < H), other=0.0)
-        b_w = tl.load(w_ptr + o_v[:, None] * stride_w + o_h[None, :],
-                      mask=(o_v[:, None] < V) & (o_h[None, :] < H), other=0.0)
-        acc = tl.dot(b_h, tl.trans(b_w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + o_v, mask=o_v < V, other=0.0).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
-def _scale(z, inv_temp, softcap, USE_SOFTCAP: tl.constexpr):
-    """``softcap(z) / T`` and the softcap's tanh (for its derivative ``1 - tanh^2``; z itself when unused)."""
-    if USE_SOFTCAP:
-        c = _tanh(z / softcap)
-        return softcap * c * inv_temp, c
-    else:
-        return z * inv_temp, z
-
-
-@triton.jit
-def _online_update(x, m, l):
-    """Fold a [BN, BV] tile (masked entries -inf) into running max ``m`` and sum-exp ``l`` [BN]."""
-    m_new = tl.maximum(m, tl.max(x, 1))
-    l_new = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
-    return m_new, l_new
-
-
-@triton.jit
-def _kl_update(a, b, valid, m_a, l_a, m_b, m_a_new, m_b_new, acc):
-    """Online ``acc = sum e^(a - m_a) ((a - m_a) - (b - m_b))`` (KL(softmax a || softmax b) numerator).
-
-    Old terms are rebased to the new maxima: each one's bracket grows by (m_b_new - m_b) - (m_a_new - m_a), and its
-    weight shrinks by e^(m_a - m_a_new). ``l_a`` is the running sum *before* this tile.
-    """
-    acc = (acc + ((m_b_new - m_b) - (m_a_new - m_a)) * l_a) * tl.exp(m_a - m_a_new)
-    da = a - m_a_new[:, None]
-    db = b - m_b_new[:, None]
-    return acc + tl.sum(tl.where(valid, tl.exp(da) * (da - db), 0.0), 1)
-
-
 @triton.jit
 def _terms(lq, lp, KIND: tl.constexpr, log_w, log_1mw):
     """Per-entry ``(phi, q*g, p*h)``; the table in minillm_fast/divergences.py, same order of kinds."""
@@ -183,17 +111,35 @@ def _row_sums(lq, lp, valid, KIND: tl.constexpr, log_w, log_1mw):
 
 
 @triton.jit
-def _grad_tiles(s, t, c_soft_s, c_soft_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t, scale,
-                KIND: tl.constexpr, log_w, log_1mw, USE_SOFTCAP: tl.constexpr):
-    """dL/dz for both models on one tile; ``scale`` [BN] is upstream gradient x 1/T per row."""
+def _grad_tiles(s, t, c_soft_s, c_soft_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t, scale_s, scale_t,
+                KIND: tl.constexpr, log_w, log_1mw, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
+    """dL/dz for both models on one tile; ``scale_s``, ``scale_t`` [BN] are the upstream gradient of each row times
+    that model's ``inv_temp``."""
     lq, lp = _log_probs(s, t, valid, m_s, ll_s, m_t, ll_t)
     _, qg, ph = _terms(lq, lp, KIND, log_w, log_1mw)
-    g_s = (qg - tl.exp(lq) * c_s[:, None]) * scale[:, None]
-    g_t = (ph - tl.exp(lp) * c_t[:, None]) * scale[:, None]
-    if USE_SOFTCAP:
+    g_s = (qg - tl.exp(lq) * c_s[:, None]) * scale_s[:, None]
+    g_t = (ph - tl.exp(lp) * c_t[:, None]) * scale_t[:, None]
+    if SOFTCAP_S:
         g_s = g_s * (1.0 - c_soft_s * c_soft_s)
+    if SOFTCAP_T:
         g_t = g_t * (1.0 - c_soft_t * c_soft_t)
     return tl.where(valid, g_s, 0.0), tl.where(valid, g_t, 0.0)
+
+
+@triton.jit
+def _model_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HS, HT,
+                 stride_hs, stride_ws, stride_ht, stride_wt, inv_temp_s, softcap_s, inv_temp_t, softcap_t,
+                 HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr,
+                 DOT_S: tl.constexpr, DOT_T: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Scaled logits tiles ``s``, ``t`` [BN, BV] of both models and their softcap tanh (for the gradient)."""
+    z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
+                     HAS_BS, DOT_S, BLOCK_N, BLOCK_V, BLOCK_H)
+    s, cap_s = _scale(z, inv_temp_s, softcap_s, SOFTCAP_S)
+    z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
+                     HAS_BT, DOT_T, BLOCK_N, BLOCK_V, BLOCK_H)
+    t, cap_t = _scale(z, inv_temp_t, softcap_t, SOFTCAP_T)
+    return s, cap_s, t, cap_t
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -210,10 +156,11 @@ def _fused_divergence_fwd_kernel(
     N, V, HS, HT,
     # strides (rows; the last dimension is contiguous)
     stride_hs, stride_ws, stride_ht, stride_wt,
-    # constants
-    inv_temp, softcap, log_w, log_1mw,
-    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    # constants: each model's logits are softcap(z) * inv_temp; the divergence's mixture weights
+    inv_temp_s, softcap_s, inv_temp_t, softcap_t, log_w, log_1mw,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr,   # each model's dot precision
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -228,12 +175,10 @@ def _fused_divergence_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]
-        z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
-                         HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        s, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-        z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
-                         HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        t, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+        s, _, t, _ = _model_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HS, HT,
+                                  stride_hs, stride_ws, stride_ht, stride_wt,
+                                  inv_temp_s, softcap_s, inv_temp_t, softcap_t, HAS_BS, HAS_BT, SOFTCAP_S, SOFTCAP_T,
+                                  DOT_S, DOT_T, BLOCK_N, BLOCK_V, BLOCK_H)
         m_s, l_s = _online_update(tl.where(valid, s, LOG_ZERO), m_s, l_s)
         m_t, l_t = _online_update(tl.where(valid, t, LOG_ZERO), m_t, l_t)
     ll_s = tl.log(l_s)
@@ -246,41 +191,16 @@ def _fused_divergence_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]
-        z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
-                         HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        s, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-        z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
-                         HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        t, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+        s, _, t, _ = _model_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HS, HT,
+                                  stride_hs, stride_ws, stride_ht, stride_wt,
+                                  inv_temp_s, softcap_s, inv_temp_t, softcap_t, HAS_BS, HAS_BT, SOFTCAP_S, SOFTCAP_T,
+                                  DOT_S, DOT_T, BLOCK_N, BLOCK_V, BLOCK_H)
         lq, lp = _log_probs(s, t, valid, m_s, ll_s, m_t, ll_t)
         d_loss, d_cs, d_ct = _row_sums(lq, lp, valid, KIND, log_w, log_1mw)
         loss += d_loss
         c_s += d_cs
         c_t += d_ct
     _store_stats(loss_ptr, stats_ptr, o_n, m_n, m_s, ll_s, m_t, ll_t, loss, c_s, c_t)
-
-
-@triton.jit
-def _accumulate_head_grads(g, h_ptr, w_ptr, gh_ptr, gw_ptr, gb_ptr, o_n, o_v, N, V, H, stride_h, stride_w,
-                           NEED_GH: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Add ``g @ W[o_v]`` into grad_h[o_n] and ``g^T @ h[o_n]`` into grad_W[o_v] (fp32, atomics), column block by
-    column block of H so the [BN, H] and [BV, H] products never need to fit in registers at once."""
-    m_nv = o_n[:, None] < N
-    m_vv = o_v[:, None] < V
-    if NEED_GB:
-        tl.atomic_add(gb_ptr + o_v, tl.sum(g, 0), mask=o_v < V)
-    for k in range(0, H, BLOCK_H):
-        o_h = k + tl.arange(0, BLOCK_H)
-        m_h = (o_h < H)[None, :]
-        if NEED_GH:
-            b_w = tl.load(w_ptr + o_v[:, None] * stride_w + o_h[None, :], mask=m_vv & m_h, other=0.0)
-            gh = tl.dot(g.to(b_w.dtype), b_w, input_precision=DOT_PRECISION)
-            tl.atomic_add(gh_ptr + o_n[:, None] * H + o_h[None, :], gh, mask=m_nv & m_h)
-        if NEED_GW:
-            b_h = tl.load(h_ptr + o_n[:, None] * stride_h + o_h[None, :], mask=m_nv & m_h, other=0.0)
-            gw = tl.dot(tl.trans(g.to(b_h.dtype)), b_h, input_precision=DOT_PRECISION)
-            tl.atomic_add(gw_ptr + o_v[:, None] * H + o_h[None, :], gw, mask=m_vv & m_h)
 
 
 @triton.jit
@@ -295,12 +215,13 @@ def _fused_divergence_bwd_kernel(
     N, V, HS, HT,
     # strides
     stride_hs, stride_ws, stride_ht, stride_wt,
-    # constants
-    inv_temp, softcap, log_w, log_1mw,
-    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+    # constants (as in the forward)
+    inv_temp_s, softcap_s, inv_temp_t, softcap_t, log_w, log_1mw,
+    KIND: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr,
     NEED_GHS: tl.constexpr, NEED_GWS: tl.constexpr, NEED_GBS: tl.constexpr,
     NEED_GHT: tl.constexpr, NEED_GWT: tl.constexpr, NEED_GBT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -316,27 +237,36 @@ def _fused_divergence_bwd_kernel(
     ll_t = tl.load(stats_ptr + o_n * 6 + 3, mask=m_n, other=0.0)
     c_s = tl.load(stats_ptr + o_n * 6 + 4, mask=m_n, other=0.0)
     c_t = tl.load(stats_ptr + o_n * 6 + 5, mask=m_n, other=0.0)
-    scale = tl.load(row_grad_ptr + o_n, mask=m_n, other=0.0) * inv_temp
+    row_grad = tl.load(row_grad_ptr + o_n, mask=m_n, other=0.0)
 
-    z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
-                     HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-    s, cap_s = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-    z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
-                     HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-    t, cap_t = _scale(z, inv_temp, softcap, USE_SOFTCAP)
-    g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t, scale,
-                           KIND, log_w, log_1mw, USE_SOFTCAP)
+    s, cap_s, t, cap_t = _model_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HS, HT,
+                                      stride_hs, stride_ws, stride_ht, stride_wt,
+                                      inv_temp_s, softcap_s, inv_temp_t, softcap_t, HAS_BS, HAS_BT,
+                                      SOFTCAP_S, SOFTCAP_T, DOT_S, DOT_T, BLOCK_N, BLOCK_V, BLOCK_H)
+    g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t,
+                           row_grad * inv_temp_s, row_grad * inv_temp_t, KIND, log_w, log_1mw, SOFTCAP_S, SOFTCAP_T)
     if NEED_GHS or NEED_GWS or NEED_GBS:
         _accumulate_head_grads(g_s, hs_ptr, ws_ptr, ghs_ptr, gws_ptr, gbs_ptr, o_n, o_v, N, V, HS,
-                               stride_hs, stride_ws, NEED_GHS, NEED_GWS, NEED_GBS, DOT_PRECISION, BLOCK_H)
+                               stride_hs, stride_ws, NEED_GHS, NEED_GWS, NEED_GBS, DOT_S, BLOCK_H)
     if NEED_GHT or NEED_GWT or NEED_GBT:
         _accumulate_head_grads(g_t, ht_ptr, wt_ptr, ght_ptr, gwt_ptr, gbt_ptr, o_n, o_v, N, V, HT,
-                               stride_ht, stride_wt, NEED_GHT, NEED_GWT, NEED_GBT, DOT_PRECISION, BLOCK_H)
+                               stride_ht, stride_wt, NEED_GHT, NEED_GWT, NEED_GBT, DOT_T, BLOCK_H)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # token-chunked strategy: rows of materialised chunk logits
 # ----------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_tiles(zs_ptr, zt_ptr, o_n, o_v, valid, stride_zs, stride_zt, inv_temp_s, softcap_s, inv_temp_t, softcap_t,
+                 SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr):
+    """Scaled logits tiles of both models read from the chunk buffers, and their softcap tanh."""
+    s, cap_s = _scale(tl.load(zs_ptr + o_n[:, None] * stride_zs + o_v[None, :], mask=valid, other=0.0),
+                      inv_temp_s, softcap_s, SOFTCAP_S)
+    t, cap_t = _scale(tl.load(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], mask=valid, other=0.0),
+                      inv_temp_t, softcap_t, SOFTCAP_T)
+    return s, cap_s, t, cap_t
+
+
 @triton.jit
 def _divergence_rows_kernel(
     # data ptrs
@@ -348,9 +278,10 @@ def _divergence_rows_kernel(
     C, V,
     # strides
     stride_zs, stride_zt,
-    # constants
-    inv_temp, softcap, log_w, log_1mw,
-    KIND: tl.constexpr, USE_SOFTCAP: tl.constexpr, GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
+    # constants (as in the vocab-tiled kernels)
+    inv_temp_s, softcap_s, inv_temp_t, softcap_t, log_w, log_1mw,
+    KIND: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -364,10 +295,8 @@ def _divergence_rows_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = m_n[:, None] & (o_v < V)[None, :]
-        s, _ = _scale(tl.load(zs_ptr + o_n[:, None] * stride_zs + o_v[None, :], mask=valid, other=0.0),
-                      inv_temp, softcap, USE_SOFTCAP)
-        t, _ = _scale(tl.load(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], mask=valid, other=0.0),
-                      inv_temp, softcap, USE_SOFTCAP)
+        s, _, t, _ = _chunk_tiles(zs_ptr, zt_ptr, o_n, o_v, valid, stride_zs, stride_zt,
+                                  inv_temp_s, softcap_s, inv_temp_t, softcap_t, SOFTCAP_S, SOFTCAP_T)
         m_s, l_s = _online_update(tl.where(valid, s, LOG_ZERO), m_s, l_s)
         m_t, l_t = _online_update(tl.where(valid, t, LOG_ZERO), m_t, l_t)
     ll_s = tl.log(l_s)
@@ -379,10 +308,8 @@ def _divergence_rows_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = m_n[:, None] & (o_v < V)[None, :]
-        s, _ = _scale(tl.load(zs_ptr + o_n[:, None] * stride_zs + o_v[None, :], mask=valid, other=0.0),
-                      inv_temp, softcap, USE_SOFTCAP)
-        t, _ = _scale(tl.load(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], mask=valid, other=0.0),
-                      inv_temp, softcap, USE_SOFTCAP)
+        s, _, t, _ = _chunk_tiles(zs_ptr, zt_ptr, o_n, o_v, valid, stride_zs, stride_zt,
+                                  inv_temp_s, softcap_s, inv_temp_t, softcap_t, SOFTCAP_S, SOFTCAP_T)
         lq, lp = _log_probs(s, t, valid, m_s, ll_s, m_t, ll_t)
         d_loss, d_cs, d_ct = _row_sums(lq, lp, valid, KIND, log_w, log_1mw)
         loss += d_loss
@@ -391,139 +318,100 @@ def _divergence_rows_kernel(
     _store_stats(loss_ptr, stats_ptr, o_n, m_n, m_s, ll_s, m_t, ll_t, loss, c_s, c_t)
 
     if GRAD_S or GRAD_T:
-        scale = tl.load(row_grad_ptr + o_n, mask=m_n, other=0.0) * inv_temp
+        row_grad = tl.load(row_grad_ptr + o_n, mask=m_n, other=0.0)
         for v0 in range(0, V, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)
             valid = m_n[:, None] & (o_v < V)[None, :]
-            p_s = zs_ptr + o_n[:, None] * stride_zs + o_v[None, :]
-            p_t = zt_ptr + o_n[:, None] * stride_zt + o_v[None, :]
-            s, cap_s = _scale(tl.load(p_s, mask=valid, other=0.0), inv_temp, softcap, USE_SOFTCAP)
-            t, cap_t = _scale(tl.load(p_t, mask=valid, other=0.0), inv_temp, softcap, USE_SOFTCAP)
-            g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t, scale,
-                                   KIND, log_w, log_1mw, USE_SOFTCAP)
+            s, cap_s, t, cap_t = _chunk_tiles(zs_ptr, zt_ptr, o_n, o_v, valid, stride_zs, stride_zt,
+                                              inv_temp_s, softcap_s, inv_temp_t, softcap_t, SOFTCAP_S, SOFTCAP_T)
+            g_s, g_t = _grad_tiles(s, t, cap_s, cap_t, valid, m_s, ll_s, m_t, ll_t, c_s, c_t,
+                                   row_grad * inv_temp_s, row_grad * inv_temp_t, KIND, log_w, log_1mw,
+                                   SOFTCAP_S, SOFTCAP_T)
             if GRAD_S:
-                tl.store(p_s, g_s, mask=valid)
+                tl.store(zs_ptr + o_n[:, None] * stride_zs + o_v[None, :], g_s, mask=valid)
             if GRAD_T:
-                tl.store(p_t, g_t, mask=valid)
+                tl.store(zt_ptr + o_n[:, None] * stride_zt + o_v[None, :], g_t, mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------------
-def _dot_precision(dtype: torch.dtype):
-    if dtype == torch.float32 and os.environ.get("MINILLM_FAST_ALLOW_TF32") != "1":
-        return "ieee"
-    return None  # bf16 / fp16 dots (or tf32 when allowed): Triton's default
-
-
-def _tile_config(device: torch.device):
-    if device.type == "cuda":
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8)
-    # Interpreter: tiles small enough that the tests' awkward sizes straddle tile edges.
-    return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_H=32)
-
-
-def _check_supported(*tensors: Optional[torch.Tensor]) -> None:
-    for t in tensors:
-        if t is None:
-            continue
-        if t.dtype == torch.float64:
-            raise TypeError("the triton backend takes float32, bfloat16 or float16 inputs, got float64; "
-                            "use backend='torch' for float64")
-        if t.device.type != "cuda" and not INTERPRET:
-            raise RuntimeError(f"the triton backend needs CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 "
-                               "before importing minillm_fast to run it on the CPU (slow, for tests)")
-
-
-def _rowmajor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
-
-
-def interpreter_safe(*tensors):
-    """The tensors, with bf16 ones upcast to fp32 under TRITON_INTERPRET (unchanged on GPU).
-
-    Triton's interpreter (3.x) gets ``tl.dot`` of bf16 operands wrong: it multiplies the raw 16-bit patterns
-    (logits ~1e10). The upcast is exact and a GPU's bf16 dot also forms exact products accumulated in fp32, so the
-    interpreter still computes what the GPU does, up to accumulation order.
-    """
-    if not INTERPRET:
-        return tensors
-    return tuple(t.float() if t is not None and t.dtype == torch.bfloat16 else t for t in tensors)
-
-
 def fused_divergence_fwd(hs, ws, bs, ht, wt, bt, *, kind: int, log_w: float, log_1mw: float,
-                         temperature: float, softcap: float, vocab_size: int):
-    """Vocab-tiled forward. hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise for the teacher.
+                         inv_temp: tuple, softcap: tuple, vocab_size: int):
+    """Vocab-tiled forward. hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise for the teacher; ``inv_temp``
+    and ``softcap`` are (student, teacher) pairs (softcap 0: none).
 
     Returns ``loss [N]`` fp32 (per-row divergence) and ``stats [N, 6]`` fp32 (m_s, log l_s, m_t, log l_t, c_s, c_t).
     """
-    _check_supported(hs, ws, bs, ht, wt, bt)
-    hs, ws, bs, ht, wt, bt = interpreter_safe(*(_rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
+    check_supported(hs, ws, bs, ht, wt, bt)
+    dots = dict(DOT_S=dot_precision(hs.dtype), DOT_T=dot_precision(ht.dtype))
+    cfg = tile_config(hs.device, "tiled_fwd", hs.dtype, ht.dtype)
+    hs, ws, bs, ht, wt, bt = interpreter_safe(*(rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
     n = hs.shape[0]
     loss = torch.empty(n, device=hs.device, dtype=torch.float32)
     stats = torch.empty(n, 6, device=hs.device, dtype=torch.float32)
-    cfg = _tile_config(hs.device)
+    scaling, flags = scaling_args(inv_temp, softcap)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
     _fused_divergence_fwd_kernel[grid](
         hs, ws, bs, ht, wt, bt, loss, stats,
         n, vocab_size, hs.shape[1], ht.shape[1],
         hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
-        1.0 / temperature, softcap, log_w, log_1mw,
-        KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None, USE_SOFTCAP=softcap > 0,
-        DOT_PRECISION=_dot_precision(hs.dtype), **cfg,
+        *scaling, log_w, log_1mw,
+        KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None, **flags, **dots, **cfg,
     )
     return loss, stats
 
 
 def fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_grad, *, kind: int, log_w: float, log_1mw: float,
-                         temperature: float, softcap: float, vocab_size: int, needs: tuple):
+                         inv_temp: tuple, softcap: tuple, vocab_size: int, needs: tuple):
     """Vocab-tiled backward. ``row_grad [N]`` fp32 is the upstream gradient of each row's loss.
 
     needs: six bools (grad of hs, ws, bs, ht, wt, bt). Returns those six gradients (None where not needed) in the
     inputs' dtypes; padded vocabulary rows get zero gradient.
     """
-    _check_supported(hs, ws, bs, ht, wt, bt)
+    check_supported(hs, ws, bs, ht, wt, bt)
     dtypes = (hs.dtype, ws.dtype, ws.dtype, ht.dtype, wt.dtype, wt.dtype)
-    hs, ws, bs, ht, wt, bt = interpreter_safe(*(_rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
+    dots = dict(DOT_S=dot_precision(hs.dtype), DOT_T=dot_precision(ht.dtype))
+    cfg = tile_config(hs.device, "tiled_bwd", hs.dtype, ht.dtype)
+    hs, ws, bs, ht, wt, bt = interpreter_safe(*(rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
     f32 = dict(device=hs.device, dtype=torch.float32)
     shapes = (hs.shape, ws.shape, ws.shape[:1], ht.shape, wt.shape, wt.shape[:1])
     bufs = [torch.zeros(shape, **f32) if need else None for need, shape in zip(needs, shapes)]
     dummy = torch.empty(1, **f32)  # a pointer for buffers the kernel is told not to touch
     ptrs = [b if b is not None else dummy for b in bufs]
     n = hs.shape[0]
-    cfg = _tile_config(hs.device)
+    scaling, flags = scaling_args(inv_temp, softcap)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(vocab_size, cfg["BLOCK_V"]))
     _fused_divergence_bwd_kernel[grid](
         hs, ws, bs, ht, wt, bt, stats, row_grad.float().contiguous(), *ptrs,
         n, vocab_size, hs.shape[1], ht.shape[1],
         hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
-        1.0 / temperature, softcap, log_w, log_1mw,
-        KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None, USE_SOFTCAP=softcap > 0,
+        *scaling, log_w, log_1mw,
+        KIND=kind, HAS_BS=bs is not None, HAS_BT=bt is not None, **flags,
         NEED_GHS=needs[0], NEED_GWS=needs[1], NEED_GBS=needs[2],
-        NEED_GHT=needs[3], NEED_GWT=needs[4], NEED_GBT=needs[5],
-        DOT_PRECISION=_dot_precision(hs.dtype), **cfg,
+        NEED_GHT=needs[3], NEED_GWT=needs[4], NEED_GBT=needs[5], **dots, **cfg,
     )
     return tuple(None if b is None else b.to(dt) for b, dt in zip(bufs, dtypes))
 
 
-def divergence_rows(zs, zt, row_grad, *, kind: int, log_w: float, log_1mw: float, temperature: float,
-                    softcap: float, grad_s: bool, grad_t: bool):
-    """Chunk rows: zs, zt [C, V] fp32 raw logits (contiguous rows); row_grad [C] fp32.
+def divergence_rows(zs, zt, row_grad, *, kind: int, log_w: float, log_1mw: float, inv_temp: tuple, softcap: tuple,
+                    grad_s: bool, grad_t: bool):
+    """Chunk rows: zs, zt [C, V] fp32 raw logits (contiguous rows); row_grad [C] fp32; ``inv_temp`` and ``softcap``
+    (student, teacher) pairs.
 
     Returns ``loss [C]``, ``stats [C, 6]``; when grad_s / grad_t, zs / zt are overwritten in place with dL/dz
     (already multiplied by row_grad) and returned, else None.
     """
-    _check_supported(zs, zt)
+    check_supported(zs, zt)
     c, v = zs.shape
     loss = torch.empty(c, device=zs.device, dtype=torch.float32)
     stats = torch.empty(c, 6, device=zs.device, dtype=torch.float32)
-    block_n = 4 if zs.device.type == "cuda" else 8
-    block_v = 2048 if zs.device.type == "cuda" else 256
-    _divergence_rows_kernel[(triton.cdiv(c, block_n),)](
+    scaling, flags = scaling_args(inv_temp, softcap)
+    cfg = tile_config(zs.device, "rows", zs.dtype)
+    _divergence_rows_kernel[(triton.cdiv(c, cfg["BLOCK_N"]),)](
         zs, zt, loss, stats, row_grad,
         c, v, zs.stride(0), zt.stride(0),
-        1.0 / temperature, softcap, log_w, log_1mw,
-        KIND=kind, USE_SOFTCAP=softcap > 0, GRAD_S=grad_s, GRAD_T=grad_t,
-        BLOCK_N=block_n, BLOCK_V=block_v,
+        *scaling, log_w, log_1mw,
+        KIND=kind, **flags, GRAD_S=grad_s, GRAD_T=grad_t, **cfg,
     )
     return loss, stats, (zs if grad_s else None), (zt if grad_t else None)

@@ -34,9 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_divergence import (LOG_ZERO, _check_supported, _dot_precision, _kl_update, _logits_tile, _online_update,
-                               _rowmajor, _scale)
-from .token_logprobs import _gather, interpreter_safe, merge_lse, split_config
+from .configs import check_supported, dot_precision, interpreter_safe, rowmajor, scaling_args
+from .tiles import LOG_ZERO, _gather, _kl_update, _logits_tile, _online_update, _scale
+from .token_logprobs import merge_lse, split_config
 
 __all__ = ["rollout_statistics", "sample"]
 
@@ -55,19 +55,20 @@ def _uniform(seed, c0, c1, STREAM: tl.constexpr):
 
 @triton.jit
 def _student_teacher_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, o_n, o_v, valid, N, V, HS, HT,
-                           stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, softcap,
-                           HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-                           TEACHER: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           stride_hs, stride_ws, stride_ht, stride_wt,
+                           inv_temp_s, softcap_s, inv_temp_t, softcap_t,
+                           HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr,
+                           TEACHER: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Scaled logits tiles ``s`` and ``t`` (LOG_ZERO outside the vocabulary); ``t`` is ``s`` without a teacher."""
     z = _logits_tile(hs_ptr, ws_ptr, bs_ptr, o_n, o_v, N, V, HS, stride_hs, stride_ws,
-                     HAS_BS, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-    s, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+                     HAS_BS, DOT_S, BLOCK_N, BLOCK_V, BLOCK_H)
+    s, _ = _scale(z, inv_temp_s, softcap_s, SOFTCAP_S)
     s = tl.where(valid, s, LOG_ZERO)
     if TEACHER:
         z = _logits_tile(ht_ptr, wt_ptr, bt_ptr, o_n, o_v, N, V, HT, stride_ht, stride_wt,
-                         HAS_BT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-        t, _ = _scale(z, inv_temp, softcap, USE_SOFTCAP)
+                         HAS_BT, DOT_T, BLOCK_N, BLOCK_V, BLOCK_H)
+        t, _ = _scale(z, inv_temp_t, softcap_t, SOFTCAP_T)
         t = tl.where(valid, t, LOG_ZERO)
     else:
         t = s
@@ -101,9 +102,10 @@ def _rollout_statistics_kernel(
     SPLIT_V,                  # vocabulary entries per split (a multiple of BLOCK_V)
     # strides (rows; the last dimension is contiguous)
     stride_hs, stride_ws, stride_ht, stride_wt,
-    # constants
-    inv_temp, softcap,
-    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # constants: each model's logits are softcap(z) * inv_temp (softcap 0: none)
+    inv_temp_s, softcap_s, inv_temp_t, softcap_t,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -126,8 +128,9 @@ def _rollout_statistics_kernel(
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]
         s, t = _student_teacher_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, o_n, o_v, valid, N, V, HS, HT,
-                                      stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, softcap,
-                                      HAS_BS, HAS_BT, USE_SOFTCAP, True, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                                      stride_hs, stride_ws, stride_ht, stride_wt,
+                                      inv_temp_s, softcap_s, inv_temp_t, softcap_t, HAS_BS, HAS_BT,
+                                      SOFTCAP_S, SOFTCAP_T, True, DOT_S, DOT_T, BLOCK_N, BLOCK_V, BLOCK_H)
         s_y += _gather(s, o_v, y)
         t_y += _gather(t, o_v, y)
         m_s_new, l_s_new = _online_update(s, m_s, l_s)
@@ -151,10 +154,10 @@ def _sample_kernel(
     # strides
     stride_hs, stride_ws, stride_ht, stride_wt,
     # constants
-    inv_temp, softcap,
+    inv_temp_s, softcap_s, inv_temp_t, softcap_t,
     alpha,                    # probability of the teacher component (0 without TEACHER)
-    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, USE_SOFTCAP: tl.constexpr, TEACHER: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, SOFTCAP_S: tl.constexpr, SOFTCAP_T: tl.constexpr,
+    TEACHER: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     i_n = tl.program_id(0)
@@ -180,8 +183,9 @@ def _sample_kernel(
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]
         s, t = _student_teacher_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, o_n, o_v, valid, N, V, HS, HT,
-                                      stride_hs, stride_ws, stride_ht, stride_wt, inv_temp, softcap,
-                                      HAS_BS, HAS_BT, USE_SOFTCAP, TEACHER, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+                                      stride_hs, stride_ws, stride_ht, stride_wt,
+                                      inv_temp_s, softcap_s, inv_temp_t, softcap_t, HAS_BS, HAS_BT,
+                                      SOFTCAP_S, SOFTCAP_T, TEACHER, DOT_S, DOT_T, BLOCK_N, BLOCK_V, BLOCK_H)
         m_s, l_s = _online_update(s, m_s, l_s)
         if TEACHER:
             m_t, l_t = _online_update(t, m_t, l_t)
@@ -204,25 +208,26 @@ def _sample_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------------
-def rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, temperature: float, softcap: float, vocab_size: int):
+def rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, inv_temp: tuple, softcap: tuple, vocab_size: int):
     """One pass over both models' vocabulary tiles. hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise the
-    teacher; tokens [N] int in [0, vocab_size).
+    teacher; tokens [N] int in [0, vocab_size); ``inv_temp``, ``softcap`` (student, teacher) pairs.
 
     Returns fp32 ``[N]`` tensors log q(y), log p(y) and KL(q || p) (the caller forms the mixture terms).
     """
-    _check_supported(hs, ws, bs, ht, wt, bt)
-    hs, ws, bs, ht, wt, bt = interpreter_safe(*(_rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
+    check_supported(hs, ws, bs, ht, wt, bt)
     n = hs.shape[0]
-    cfg = split_config(n, vocab_size, hs.device)
+    dots = dict(DOT_S=dot_precision(hs.dtype), DOT_T=dot_precision(ht.dtype))
+    cfg = split_config(n, vocab_size, hs.device, hs.dtype, ht.dtype)
+    hs, ws, bs, ht, wt, bt = interpreter_safe(*(rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
+    scaling, flags = scaling_args(inv_temp, softcap)
     splits = cfg.pop("splits")
     part = torch.empty(n, splits, 7, device=hs.device, dtype=torch.float32)
     _rollout_statistics_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         hs, ws, bs, ht, wt, bt, tokens.to(torch.int64).contiguous(), part,
         n, vocab_size, hs.shape[1], ht.shape[1], cfg.pop("SPLIT_V"),
         hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
-        1.0 / temperature, softcap,
-        HAS_BS=bs is not None, HAS_BT=bt is not None, USE_SOFTCAP=softcap > 0,
-        DOT_PRECISION=_dot_precision(hs.dtype), **cfg,
+        *scaling,
+        HAS_BS=bs is not None, HAS_BT=bt is not None, **flags, **dots, **cfg,
     )
     big_s, tot_s, w_s = merge_lse(part[..., _M_S], part[..., _L_S])
     big_t, tot_t, _ = merge_lse(part[..., _M_T], part[..., _L_T])
@@ -236,19 +241,23 @@ def rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, temperature: float, so
     return lq, lp, rkl
 
 
-def sample(hs, ws, bs, ht, wt, bt, seed, *, alpha: float, temperature: float, softcap: float, vocab_size: int):
-    """Draw one token per row from ``alpha p + (1 - alpha) q`` (from q alone when ht is None).
+def sample(hs, ws, bs, ht, wt, bt, seed, *, alpha: float, inv_temp: tuple, softcap: tuple, vocab_size: int):
+    """Draw one token per row from ``alpha p + (1 - alpha) q`` (from q alone when ht is None); ``inv_temp``,
+    ``softcap`` (student, teacher) pairs (the teacher's ignored without a teacher).
 
     seed: [1] int64 tensor on the device (the Philox key). Returns ``tokens [N]`` int64 and fp32 ``[N]`` log q(y)
     and log p(y) (None without a teacher); the caller forms log m(y).
     """
     teacher = ht is not None
-    _check_supported(hs, ws, bs, ht, wt, bt)
-    hs, ws, bs, ht, wt, bt = interpreter_safe(*(_rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
+    check_supported(hs, ws, bs, ht, wt, bt)
     if not teacher:  # pointers the kernel never reads
         ht, wt, bt, alpha = hs, ws, None, 0.0
+        inv_temp, softcap = (inv_temp[0], inv_temp[0]), (softcap[0], softcap[0])
     n = hs.shape[0]
-    cfg = split_config(n, vocab_size, hs.device)
+    dots = dict(DOT_S=dot_precision(hs.dtype), DOT_T=dot_precision(ht.dtype))
+    cfg = split_config(n, vocab_size, hs.device, hs.dtype, ht.dtype)
+    hs, ws, bs, ht, wt, bt = interpreter_safe(*(rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
+    scaling, flags = scaling_args(inv_temp, softcap)
     splits = cfg.pop("splits")
     part = torch.empty(n, splits, 7, device=hs.device, dtype=torch.float32)
     tok = torch.empty(n, splits, device=hs.device, dtype=torch.int32)
@@ -256,9 +265,8 @@ def sample(hs, ws, bs, ht, wt, bt, seed, *, alpha: float, temperature: float, so
         hs, ws, bs, ht, wt, bt, seed, part, tok,
         n, vocab_size, hs.shape[1], ht.shape[1], cfg.pop("SPLIT_V"),
         hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
-        1.0 / temperature, softcap, float(alpha),
-        HAS_BS=bs is not None, HAS_BT=bt is not None, USE_SOFTCAP=softcap > 0, TEACHER=teacher,
-        DOT_PRECISION=_dot_precision(hs.dtype), **cfg,
+        *scaling, float(alpha),
+        HAS_BS=bs is not None, HAS_BT=bt is not None, **flags, TEACHER=teacher, **dots, **cfg,
     )
     j = part[..., _BEST].argmax(1, keepdim=True)  # the best split of each row
     tokens = tok.gather(1, j)[:, 0].to(torch.int64)

@@ -25,27 +25,19 @@ deterministic on GPU), so nothing O(N V) is ever stored: the forward costs one m
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .fused_divergence import (INTERPRET, LOG_ZERO, _accumulate_head_grads, _check_supported, _dot_precision,
-                               _kl_update, _logits_tile, _online_update, _rowmajor, _scale, _tile_config,
-                               interpreter_safe)
+from . import configs
+from .configs import check_supported, dot_precision, interpreter_safe, rowmajor, tile_config
+from .tiles import LOG_ZERO, _accumulate_head_grads, _gather, _kl_update, _logits_tile, _online_update, _scale
 
-__all__ = ["INTERPRET", "interpreter_safe", "merge_lse", "split_config", "token_logprobs_bwd", "token_logprobs_fwd"]
+__all__ = ["merge_lse", "split_config", "token_logprobs_bwd", "token_logprobs_fwd"]
 
 # Partial statistics per (row, vocab split), in this order along the last axis.
 _M, _L, _ACC, _SY = range(4)
 _N_PART = 4
-
-
-@triton.jit
-def _gather(x, o_v, idx):
-    """``x[i, idx[i]]`` for the rows whose index falls in this tile (0 elsewhere); [BN, BV] -> [BN]."""
-    return tl.sum(tl.where(o_v[None, :] == idx[:, None], x, 0.0), 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -155,12 +147,7 @@ def _token_logprobs_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def split_config(n: int, vocab: int, device: torch.device) -> dict:
+def split_config(n: int, vocab: int, device: torch.device, *dtypes: torch.dtype) -> dict:
     """Tile sizes and the vocabulary split of the one-pass forward kernels (grid ``[cdiv(n, BLOCK_N), S]``).
 
     On CUDA the vocabulary is split until there are about two programs per SM (a decode step has a handful of rows);
@@ -168,10 +155,11 @@ def split_config(n: int, vocab: int, device: torch.device) -> dict:
     large row counts take very large row blocks: the interpreter's cost is per program and per op, hardly per
     element, so the sampler's statistical tests (thousands of rows) run in seconds.
     """
-    cfg = dict(_tile_config(device))
-    if device.type == "cuda":
+    cfg = tile_config(device, "split_fwd", *dtypes)
+    arch = configs.device_arch(device)
+    if arch is not configs.INTERPRETER:
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(n)))
-        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        target = 2 * arch.sm_count
     else:
         cfg["BLOCK_N"] = 16 if n <= 256 else 1024
         cfg["BLOCK_V"] = min(cfg["BLOCK_V"], max(16, triton.next_power_of_2(vocab)))
@@ -196,17 +184,19 @@ def merge_lse(m: torch.Tensor, l: torch.Tensor):
     return big, (l * w).sum(1), w
 
 
-def token_logprobs_fwd(h, w, b, y, *, temperature: float, softcap: float, vocab_size: int, entropy: bool):
-    """Vocab-tiled forward. h [N, H], w [V_pad, H], b [V_pad] | None, y [N] int (in [0, vocab_size) or ignored).
+def token_logprobs_fwd(h, w, b, y, *, inv_temp: float, softcap: float, vocab_size: int, entropy: bool):
+    """Vocab-tiled forward. h [N, H], w [V_pad, H], b [V_pad] | None, y [N] int (in [0, vocab_size) or ignored);
+    the logits are ``softcap(h W^T + b) * inv_temp`` (softcap 0: none).
 
     Returns fp32 ``logprob [N]`` (``lq[y]``; meaningless on ignored rows, which the caller masks), ``stats [N, 2]``
     (the row max M and ``log sum e^(s - M)``: lse = their sum, kept apart for the backward's precision) and
     ``entropy [N]`` (None unless asked).
     """
-    _check_supported(h, w, b)
-    h, w, b = interpreter_safe(_rowmajor(h), _rowmajor(w), b)
+    check_supported(h, w, b)
+    dot = dot_precision(h.dtype)
     n = h.shape[0]
-    cfg = split_config(n, vocab_size, h.device)
+    cfg = split_config(n, vocab_size, h.device, h.dtype)
+    h, w, b = interpreter_safe(rowmajor(h), rowmajor(w), b)
     splits = cfg.pop("splits")
     part = torch.empty(n, splits, _N_PART, device=h.device, dtype=torch.float32)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
@@ -214,9 +204,8 @@ def token_logprobs_fwd(h, w, b, y, *, temperature: float, softcap: float, vocab_
         h, w, b, y.to(torch.int64).contiguous(), part,
         n, vocab_size, h.shape[1], cfg.pop("SPLIT_V"),
         h.stride(0), w.stride(0),
-        1.0 / temperature, softcap,
-        HAS_BIAS=b is not None, USE_SOFTCAP=softcap > 0, ENTROPY=entropy,
-        DOT_PRECISION=_dot_precision(h.dtype), **cfg,
+        float(inv_temp), float(softcap),
+        HAS_BIAS=b is not None, USE_SOFTCAP=softcap > 0, ENTROPY=entropy, DOT_PRECISION=dot, **cfg,
     )
     big, total, wgt = merge_lse(part[..., _M], part[..., _L])
     log_total = torch.log(total)
@@ -229,7 +218,7 @@ def token_logprobs_fwd(h, w, b, y, *, temperature: float, softcap: float, vocab_
     return logprob, torch.stack([big, log_total], 1), ent
 
 
-def token_logprobs_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature: float, softcap: float, vocab_size: int,
+def token_logprobs_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, inv_temp: float, softcap: float, vocab_size: int,
                        needs: tuple):
     """Vocab-tiled backward. ``stats [N, 2]`` from the forward; ``g_lp [N]`` (and ``g_ent [N]`` with ``ent [N]``
     when the entropy has a gradient, else both None) are the upstream gradients, already zero on ignored rows.
@@ -237,9 +226,11 @@ def token_logprobs_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature: floa
     needs: three bools (grad of h, w, b). Returns those gradients (None where not needed) in the inputs' dtypes;
     padded vocabulary rows get zero gradient.
     """
-    _check_supported(h, w, b)
+    check_supported(h, w, b)
     dtypes = (h.dtype, w.dtype, w.dtype)
-    h, w, b = interpreter_safe(_rowmajor(h), _rowmajor(w), b)
+    dot = dot_precision(h.dtype)
+    cfg = tile_config(h.device, "logprobs_bwd", h.dtype)
+    h, w, b = interpreter_safe(rowmajor(h), rowmajor(w), b)
     f32 = dict(device=h.device, dtype=torch.float32)
     shapes = (h.shape, w.shape, w.shape[:1])
     needs = (needs[0], needs[1], needs[2] and b is not None)
@@ -248,7 +239,6 @@ def token_logprobs_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature: floa
     ptrs = [x if x is not None else dummy for x in bufs]
     with_ent = ent is not None
     n = h.shape[0]
-    cfg = _tile_config(h.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(vocab_size, cfg["BLOCK_V"]))
     _token_logprobs_bwd_kernel[grid](
         h, w, b, y.to(torch.int64).contiguous(), stats.float().contiguous(),
@@ -256,9 +246,8 @@ def token_logprobs_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature: floa
         g_lp.float().contiguous(), g_ent.float().contiguous() if with_ent else dummy, *ptrs,
         n, vocab_size, h.shape[1],
         h.stride(0), w.stride(0),
-        1.0 / temperature, softcap,
+        float(inv_temp), float(softcap),
         HAS_BIAS=b is not None, USE_SOFTCAP=softcap > 0, ENTROPY=with_ent,
-        NEED_GH=needs[0], NEED_GW=needs[1], NEED_GB=needs[2],
-        DOT_PRECISION=_dot_precision(h.dtype), **cfg,
+        NEED_GH=needs[0], NEED_GW=needs[1], NEED_GB=needs[2], DOT_PRECISION=dot, **cfg,
     )
     return tuple(None if x is None else x.to(dt) for x, dt in zip(bufs, dtypes))

@@ -38,11 +38,16 @@ def _triton_kernels():
         return e
 
 
+def _interpreting() -> bool:
+    """Whether the Triton kernels run under TRITON_INTERPRET (read when they were first imported)."""
+    return importlib.import_module("minillm_fast.kernels.configs").INTERPRET
+
+
 def triton_available(device: torch.device) -> bool:
     mod = _triton_kernels()
     if isinstance(mod, ImportError):
         return False
-    return device.type == "cuda" or mod.INTERPRET
+    return device.type == "cuda" or _interpreting()
 
 
 def resolve(backend: str, device: torch.device) -> str:
@@ -62,7 +67,7 @@ def resolve(backend: str, device: torch.device) -> str:
         mod = _triton_kernels()
         if isinstance(mod, ImportError):
             raise RuntimeError(f"backend='triton' needs Triton (pip install triton): {mod}")
-        if device.type != "cuda" and not mod.INTERPRET:
+        if device.type != "cuda" and not _interpreting():
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors, got {device}; set TRITON_INTERPRET=1 before importing "
                 "minillm_fast to run the kernels on the CPU (slow, meant for tests), or use backend='torch'"

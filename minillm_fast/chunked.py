@@ -34,6 +34,13 @@ class DivergenceConfig:
         return dict(kind=self.div.kind, log_w=log_w, log_1mw=log_1mw, temperature=self.temperature,
                     softcap=self.softcap)
 
+    @property
+    def triton_args(self) -> dict:
+        """The Triton launchers' keywords: the divergence, and each model's ``inv_temp`` and ``softcap``."""
+        log_w, log_1mw = self.div.log_weights
+        return dict(kind=self.div.kind, log_w=log_w, log_1mw=log_1mw, inv_temp=(1.0 / self.temperature,) * 2,
+                    softcap=(self.softcap,) * 2)
+
 
 # A rows function: (zs [C, V], zt [C, V], row_grad [C] | None, cfg, grad_s, grad_t) -> (loss [C], stats [C, 6],
 # dL/dzs [C, V] | None, dL/dzt [C, V] | None). It may overwrite zs and zt. stats = (m_s, log l_s, m_t, log l_t, c_s,
@@ -80,7 +87,7 @@ def triton_rows(zs, zt, row_grad, cfg: DivergenceConfig, grad_s: bool, grad_t: b
     if row_grad is None:
         row_grad = zs.new_zeros(zs.shape[0])
     return triton_kernels().divergence_rows(zs, zt, row_grad.float().contiguous(), grad_s=grad_s, grad_t=grad_t,
-                                            **cfg.kernel_args)
+                                            **cfg.triton_args)
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:

@@ -706,8 +706,8 @@ def test_cuda_sampler_agrees_with_triton(cuda_ext):
     t = make_inputs(gen, n=256, hs=32, ht=48, v=4099, device="cuda")
     hs, ws, ht, wt = t["student_hidden"], t["student_weight"], t["teacher_hidden"], t["teacher_weight"]
     seed = torch.tensor([424242], dtype=torch.int64, device="cuda")
-    tri, _, _ = triton_sampling.sample(hs, ws, None, ht, wt, None, seed, alpha=0.4, temperature=1.0, softcap=0.0,
-                                       vocab_size=4099)
+    tri, _, _ = triton_sampling.sample(hs, ws, None, ht, wt, None, seed, alpha=0.4, inv_temp=(1.0, 1.0),
+                                       softcap=(0.0, 0.0), vocab_size=4099)
     zs, zt = (hs @ ws.T).float(), (ht @ wt.T).float()
     ours = native_cuda.cuda_mixture_sample_rows(zs, zt, seed, 0, alpha=0.4)[0]
     assert (tri != ours).sum().item() <= 2

@@ -75,11 +75,11 @@ def _fwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor
     needs = tuple(grads)
     if strategy == "tiled":
         k = backends.triton_kernels()
-        loss, stats = k.fused_divergence_fwd(hs, ws, bs, ht, wt, bt, vocab_size=vocab_size, **cfg.kernel_args)
+        loss, stats = k.fused_divergence_fwd(hs, ws, bs, ht, wt, bt, vocab_size=vocab_size, **cfg.triton_args)
         g = (None,) * 6
         if any(needs):
             g = k.fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_scale, vocab_size=vocab_size,
-                                       needs=needs, **cfg.kernel_args)
+                                       needs=needs, **cfg.triton_args)
     else:
         loss, stats, g = chunked.run(hs, ws, bs, ht, wt, bt, cfg, rows_fn=_rows_fn(backend), chunk_size=chunk_size,
                                      row_grad=row_scale if any(needs) else None, needs=needs)
@@ -110,7 +110,7 @@ def _bwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor
     needs = tuple(grads)
     if strategy == "tiled":
         g = backends.triton_kernels().fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_grad,
-                                                           vocab_size=vocab_size, needs=needs, **cfg.kernel_args)
+                                                           vocab_size=vocab_size, needs=needs, **cfg.triton_args)
     else:
         _, _, g = chunked.run(hs, ws, bs, ht, wt, bt, cfg, rows_fn=_rows_fn(backend), chunk_size=chunk_size,
                               row_grad=row_grad, needs=needs, want_loss=False)

@@ -157,6 +157,11 @@ def _native_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, temperature, softcap,
     return tokens, lq_y, lp_y
 
 
+def _triton_scaling(temperature: float, softcap: float, vocab_size: int) -> dict:
+    """The two-model Triton launchers' per-model ``inv_temp`` and ``softcap`` pairs."""
+    return dict(inv_temp=(1.0 / temperature,) * 2, softcap=(softcap,) * 2, vocab_size=vocab_size)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------------------------
@@ -167,7 +172,8 @@ def _rollout_statistics_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Ten
     """``[N]`` log q(y), log p(y), log m(y), q(y) / m(y), KL(q || p)."""
     opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size)
     if backend == "triton":
-        lq, lp, rkl = triton_module("sampling").rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, **opts)
+        lq, lp, rkl = triton_module("sampling").rollout_statistics(hs, ws, bs, ht, wt, bt, tokens,
+                                                                   **_triton_scaling(temperature, softcap, vocab_size))
     elif backend == "native":
         lq, lp, rkl = _native_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, chunk_size=chunk_size, **opts)
     else:
@@ -190,7 +196,8 @@ def _sample_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Optional[Tensor
     log m(y) (the last two empty without a teacher). ``seed``: [1] int64 on the device."""
     opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size)
     if backend == "triton":
-        tokens, lq, lp = triton_module("sampling").sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, **opts)
+        tokens, lq, lp = triton_module("sampling").sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha,
+                                                          **_triton_scaling(temperature, softcap, vocab_size))
     elif backend == "native":
         tokens, lq, lp = _native_sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, chunk_size=chunk_size, **opts)
     else:

@@ -205,8 +205,8 @@ def _fwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, temperat
     statistics ``[N, 2]`` (row max M and ``log sum e^(s - M)``; lse is their sum)."""
     opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size)
     if backend == "triton":
-        logprob, stats, ent = triton_module("token_logprobs").token_logprobs_fwd(h, w, b, targets, entropy=entropy,
-                                                                                **opts)
+        logprob, stats, ent = triton_module("token_logprobs").token_logprobs_fwd(
+            h, w, b, targets, entropy=entropy, inv_temp=1.0 / temperature, softcap=softcap, vocab_size=vocab_size)
     elif backend == "native":
         logprob, stats, ent = _native_fwd(h, w, b, targets, entropy=entropy, chunk_size=chunk_size, **opts)
     else:
@@ -237,7 +237,9 @@ def _bwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, stats: T
     needs = tuple(grads)
     opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size, needs=needs)
     if backend == "triton":
-        g = triton_module("token_logprobs").token_logprobs_bwd(h, w, b, targets, stats, ent, g_lp, g_ent, **opts)
+        g = triton_module("token_logprobs").token_logprobs_bwd(h, w, b, targets, stats, ent, g_lp, g_ent,
+                                                               inv_temp=1.0 / temperature, softcap=softcap,
+                                                               vocab_size=vocab_size, needs=needs)
     elif backend == "native":
         g = _native_bwd(h, w, b, targets, stats, ent, g_lp, g_ent, chunk_size=chunk_size, **opts)
     else:

@@ -257,8 +257,28 @@ def _plan(args, device, env, sweeps, op_cases, modes, divs, tmp: Path):
     return rows, list(batches.values())  # in order: a shape's references before the implementations using them
 
 
+class _Lines:
+    """tqdm's calls used below, as a printed line per batch of jobs started: for a bare GPU image without tqdm
+    (bench/gpu_check.py)."""
+
+    def __init__(self, total: int, desc: str, **_):
+        self.total, self.desc, self.n = total, desc, 0
+
+    def set_postfix_str(self, s: str) -> None:
+        print(f"{self.desc}: {self.n}/{self.total} jobs done; now {s}", file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def close(self) -> None:
+        print(f"{self.desc}: {self.n}/{self.total} jobs done", file=sys.stderr, flush=True)
+
+
 def _run(args, device, batches: list, tmp: Path) -> list:
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = _Lines
 
     run = Runner(args.in_process or device.type == "cuda", tmp, args.timeout, args.threads)
     rows, unverified = [], {}

@@ -9,15 +9,20 @@ sampler's Philox counters) and :func:`cuda_rollout_statistics_rows`. Sources: ``
 
 Loading. :func:`load` imports ``minillm_fast._native_cuda`` where an ahead-of-time build installed it (setup.py
 does not build it yet: see :func:`extension_kwargs`); otherwise it compiles the sources with
-``torch.utils.cpp_extension.load`` (nvcc, the host C++ compiler and ninja; a minute or two, printing one line first)
-into torch's extensions cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions/<python>_<cuda>``), where
-later processes find it in about a second. It needs a CUDA build of torch (``torch.version.cuda`` set), a visible GPU
-and a CUDA toolkit (``nvcc`` under torch's ``CUDA_HOME``); otherwise it raises :class:`NativeCudaBuildError` saying
-which is missing and what to do. The kernels are compiled for the visible GPUs' architectures, or for
-``TORCH_CUDA_ARCH_LIST`` when it is set (as every torch JIT extension). :func:`is_available` / :func:`build_error`
-report the outcome; the build is tried once per process.
+``torch.utils.cpp_extension.load`` (nvcc, the host C++ compiler and ninja; a minute or two, printing one line first
+that names the build folder) into torch's extensions cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions/<python>_<cuda>``), where later processes find it in about a second. As for the CPU
+extension (native.py, "The JIT cache"), the folder is ``minillm_fast_native_cuda_<key>``, the key hashing the
+sources' and headers' bytes, the flags, the target architectures, torch and the toolkit (:func:`build_name`), and a
+finished build is imported without torch's lock: installs with different sources coexist, none rebuilds another's.
+It needs a CUDA build of torch (``torch.version.cuda`` set), a visible GPU and a CUDA toolkit (``nvcc`` under
+torch's ``CUDA_HOME``); otherwise it raises :class:`NativeCudaBuildError` saying which is missing and what to do.
+The kernels are compiled for the visible GPUs' architectures, or for ``TORCH_CUDA_ARCH_LIST`` when it is set (as
+every torch JIT extension). :func:`is_available` / :func:`build_error` report the outcome; the build is tried once
+per process.
 
-This module imports nothing from the package except native.py's error class (setup.py may load it by path).
+This module imports nothing from the package except native.py's error class and JIT cache helpers (setup.py may load
+it by path, without them: it only needs :func:`extension_kwargs`).
 """
 from __future__ import annotations
 
@@ -25,7 +30,6 @@ import functools
 import importlib
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -33,16 +37,18 @@ import torch
 
 SOURCES = ("cuda/bindings.cpp", "cuda/divergence_rows.cu", "cuda/sampling.cu")
 HEADERS = ("cuda/common.cuh", "cuda/divergence_rows.cuh", "cuda/sampling.cuh", "cuda/launchers.h")
-MODULE_NAME = "minillm_fast_native_cuda"  # the JIT build's
+MODULE_NAME = "minillm_fast_native_cuda"  # the JIT build's, before its key (build_name)
 PREBUILT_NAME = "_native_cuda"  # an ahead-of-time build's, inside the package
 # torch adds its COMMON_NVCC_FLAGS (no implicit half conversions: the kernels convert explicitly) and the -gencode
 # flags of the target GPUs. Never --use_fast_math: the kernels rely on the accurate expf / logf / tanhf.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]
 CXX_FLAGS = ["-O3", "-std=c++17"]
 
-try:  # the CPU backend's error class, so that callers can catch either with one except
+try:  # the CPU backend's error class, so that callers can catch either with one except, and its JIT cache
+    from . import native as _native
     from .native import NativeBuildError as _Base
 except ImportError:  # loaded by path (setup.py)
+    _native = None
     _Base = RuntimeError
 
 
@@ -109,17 +115,6 @@ def _check_toolchain() -> None:
                                    "found: pip install ninja; or use backend='triton'")
 
 
-def _needs_compile(sources: list[str]) -> bool:
-    """Whether torch's JIT loader will have to compile (no cached library, or older than a source or header)."""
-    try:
-        from torch.utils.cpp_extension import _get_build_directory
-
-        lib = Path(_get_build_directory(MODULE_NAME, verbose=False)) / f"{MODULE_NAME}.so"
-        return not lib.is_file() or lib.stat().st_mtime < max(Path(s).stat().st_mtime for s in sources)
-    except Exception:  # private helper moved: say it, harmlessly, every first load
-        return True
-
-
 def extension_kwargs(root: Optional[Path] = None) -> dict:
     """Sources (under ``root``, default the source dir; setup.py passes the relative ``Path("csrc")``) and flags, for
     the JIT build below and for an ahead-of-time one:
@@ -129,21 +124,51 @@ def extension_kwargs(root: Optional[Path] = None) -> dict:
                 extra_compile_args={"cxx": list(CXX_FLAGS), "nvcc": list(NVCC_FLAGS)})
 
 
+def _arch_list() -> str:
+    """The architectures torch compiles for: ``TORCH_CUDA_ARCH_LIST``, else the visible GPUs' capabilities."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+
+
+def build_settings() -> dict:
+    return dict(_native.toolchain_settings(), cuda=torch.version.cuda, cuda_home=_torch_cuda_home(),
+                arch=_arch_list(), nvcc_flags=list(NVCC_FLAGS), cxx_flags=list(CXX_FLAGS))
+
+
+def build_name(src: Optional[Path] = None) -> str:
+    """``minillm_fast_native_cuda_<key>``: the JIT build's module and folder name for the sources under ``src``
+    (default :func:`source_dir`) with this torch, toolkit and target architectures."""
+    src = source_dir() if src is None else Path(src)
+    return f"{MODULE_NAME}_{_native.content_key(src, SOURCES + HEADERS, build_settings())}"
+
+
 def _jit_build():
     from torch.utils.cpp_extension import load as cpp_load
 
     _check_toolchain()
+    if _native is None:
+        raise NativeCudaBuildError("native_cuda.py was loaded outside the minillm_fast package: import "
+                                   "minillm_fast.native_cuda to build the extension")
     kw = extension_kwargs()
-    if _needs_compile(kw["sources"] + [str(source_dir() / h) for h in HEADERS]):
-        print("minillm-fast: compiling the native CUDA extension (first use, ~1-2 min)...", file=sys.stderr,
-              flush=True)
-    try:
-        return cpp_load(name=MODULE_NAME, sources=kw["sources"], extra_include_paths=kw["include_dirs"],
+    name = folder = None
+
+    def build():
+        return cpp_load(name=name, sources=kw["sources"], extra_include_paths=kw["include_dirs"],
                         extra_cflags=kw["extra_compile_args"]["cxx"],
-                        extra_cuda_cflags=kw["extra_compile_args"]["nvcc"], verbose=False)
+                        extra_cuda_cflags=kw["extra_compile_args"]["nvcc"], build_directory=str(folder),
+                        verbose=False)
+
+    try:
+        name = build_name()
+        folder = _native.build_dir(name)
+        return _native.load_keyed(name, folder, build, "the native CUDA extension", "1-2 min",
+                                  dict(build_settings(), sources=str(source_dir())))
     except Exception as e:  # compiler errors come back as RuntimeError / CalledProcessError with the log
-        raise NativeCudaBuildError(f"building the native CUDA extension from {source_dir() / 'cuda'} failed: {e}\n"
-                                   "Use backend='triton' (or 'torch') meanwhile.") from e
+        where = f" in {folder}" if folder else ""
+        raise NativeCudaBuildError(f"building the native CUDA extension from {source_dir() / 'cuda'}{where} failed: "
+                                   f"{e}\nUse backend='triton' (or 'torch') meanwhile.") from e
 
 
 def _import_prebuilt():

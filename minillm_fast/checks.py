@@ -93,11 +93,11 @@ def check_positive(name: str, value) -> float:
     return float(value)
 
 
-def check_softcap(softcap) -> float:
+def check_softcap(softcap, name: str = "softcap") -> float:
     """Returns 0.0 for "no softcap" (the kernels' convention)."""
     if softcap is None:
         return 0.0
-    return check_positive("softcap", softcap)
+    return check_positive(name, softcap)
 
 
 def resolve_vocab(vocab_size, *weights: tuple[str, torch.Tensor]) -> int:

@@ -17,29 +17,34 @@ import torch
 
 from . import divergences, hugepages
 from .divergences import Divergence
+from .scaling import Scaling
 
 
 @dataclass(frozen=True)
 class DivergenceConfig:
-    """What every backend needs to know about the op besides the tensors."""
+    """What every backend needs to know about the op besides the tensors: the divergence, each model's logit
+    scaling (minillm_fast/scaling.py) and the real vocabulary."""
 
     div: Divergence
-    temperature: float
-    softcap: float  # 0.0: no softcap
+    student: Scaling
+    teacher: Scaling
     vocab_size: int
 
     @property
     def kernel_args(self) -> dict:
+        """The native row kernel's keywords: the divergence and each model's effective temperature and softcap."""
         log_w, log_1mw = self.div.log_weights
-        return dict(kind=self.div.kind, log_w=log_w, log_1mw=log_1mw, temperature=self.temperature,
-                    softcap=self.softcap)
+        return dict(kind=self.div.kind, log_w=log_w, log_1mw=log_1mw,
+                    temperature_s=self.student.temperature, softcap_s=self.student.softcap,
+                    temperature_t=self.teacher.temperature, softcap_t=self.teacher.softcap)
 
     @property
     def triton_args(self) -> dict:
         """The Triton launchers' keywords: the divergence, and each model's ``inv_temp`` and ``softcap``."""
         log_w, log_1mw = self.div.log_weights
-        return dict(kind=self.div.kind, log_w=log_w, log_1mw=log_1mw, inv_temp=(1.0 / self.temperature,) * 2,
-                    softcap=(self.softcap,) * 2)
+        return dict(kind=self.div.kind, log_w=log_w, log_1mw=log_1mw,
+                    inv_temp=(self.student.inv_temp, self.teacher.inv_temp),
+                    softcap=(self.student.softcap, self.teacher.softcap))
 
 
 # A rows function: (zs [C, V], zt [C, V], row_grad [C] | None, cfg, grad_s, grad_t) -> (loss [C], stats [C, 6],
@@ -53,12 +58,7 @@ RowsFn = Callable[..., tuple]
 def torch_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg: DivergenceConfig,
                grad_s: bool, grad_t: bool):
     """The rows function in plain PyTorch (closed-form gradients of divergences.terms)."""
-    inv_t = 1.0 / cfg.temperature
-    cap_s = cap_t = None
-    if cfg.softcap:
-        cap_s, cap_t = torch.tanh(zs / cfg.softcap), torch.tanh(zt / cfg.softcap)
-        zs, zt = cap_s * cfg.softcap, cap_t * cfg.softcap
-    s, t = zs * inv_t, zt * inv_t
+    (s, cap_s), (t, cap_t) = cfg.student.apply(zs), cfg.teacher.apply(zt)
     m_s, m_t = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
     # (s - m) - log l, never s - lse: lse is rounded at the size of the largest logit
     ll_s = torch.log(torch.exp(s - m_s).sum(-1, keepdim=True))
@@ -68,16 +68,14 @@ def torch_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tens
     loss, c_s, c_t = phi.sum(-1), qg.sum(-1), ph.sum(-1)
     stats = torch.cat([m_s, ll_s, m_t, ll_t, c_s[:, None], c_t[:, None]], dim=1)
     g_s = g_t = None
-    if grad_s or grad_t:
-        scale = (row_grad * inv_t)[:, None]
-        if grad_s:
-            g_s = (qg - lq.exp() * c_s[:, None]) * scale
-            if cap_s is not None:
-                g_s = g_s * (1 - cap_s * cap_s)
-        if grad_t:
-            g_t = (ph - lp.exp() * c_t[:, None]) * scale
-            if cap_t is not None:
-                g_t = g_t * (1 - cap_t * cap_t)
+    if grad_s:
+        g_s = (qg - lq.exp() * c_s[:, None]) * (row_grad * cfg.student.inv_temp)[:, None]
+        if cap_s is not None:
+            g_s = g_s * (1 - cap_s * cap_s)
+    if grad_t:
+        g_t = (ph - lp.exp() * c_t[:, None]) * (row_grad * cfg.teacher.inv_temp)[:, None]
+        if cap_t is not None:
+            g_t = g_t * (1 - cap_t * cap_t)
     return loss, stats, g_s, g_t
 
 

@@ -8,13 +8,13 @@
 // lanes and sweeps the vocabulary down the columns, all W rows at once. Per row the math and the passes are the row
 // kernel's (fused_divergence_cpu.cpp; per-entry formulas shared in divergence_math.h):
 //
-//   pass 0  the rows' maxima (tanh(z / cap) stored in place under a softcap). A pass of its own, so that pass 1
+//   pass 0  the rows' maxima (tanh(z / cap) stored in place under a model's softcap). A pass of its own, so that pass 1
 //           takes its exps against the final maxima and no running sum is ever rebased: with one-hot rows whose
 //           two models peak in different blocks, a rebased KL accumulator no longer cancels exactly against the
 //           log-probabilities of pass 3, and the gradient of a row at rest would be a rounding error instead of 0.
 //   pass 1  the sums of exp of both models and the KL accumulator (the KLs' loss and c_s, c_t in closed form).
 //   pass 2  (JSD, TVD, skew KLs) the sums of phi, q*g and p*h once both lse are known.
-//   pass 3  when a gradient is wanted: G written in place, already multiplied by row_grad / T.
+//   pass 3  when a gradient is wanted: G written in place, already multiplied by row_grad / T_s (row_grad / T_t).
 //
 // Memory order. A task is a contiguous range of rows (whole lane groups of U x W rows, a 64-byte cache line of a
 // block row for float32 on AVX2); each pass goes over the vocabulary in blocks of kColBlock entries and, within a
@@ -147,19 +147,23 @@ inline void store_state(std::vector<T>& a, int64_t i0, const Vectorized<T> (&x)[
 
 template <typename T, int64_t KIND>
 void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64_t r1, const Consts<T>& k,
-          const T* scale, bool grad_s, bool grad_t, T* out_loss, T* out_stats) {
+          const T* scale_s, const T* scale_t, bool grad_s, bool grad_t, T* out_loss, T* out_stats) {
   using Vec = Vectorized<T>;
   constexpr int64_t GW = U * Vec::size();
-  const Vec mult(k.mult), inv_cap(k.inv_cap), zero(T(0)), one(T(1));
+  // each model's own scaling (s = x * mult_s, t = x * mult_t; its softcap where it has one)
+  const Vec mult_s(k.s.mult), mult_t(k.t.mult), inv_cap_s(k.s.inv_cap), inv_cap_t(k.t.inv_cap), zero(T(0)),
+      one(T(1));
+  const bool cap_s = k.s.use_cap, cap_t = k.t.use_cap;
   const int64_t lanes = (r1 - r0 + GW - 1) / GW * GW;
   // Per-lane state (lane i is row r0 + i): running maxima in T, sums in double; after pass 1 log l and c_s, c_t in T
   // for the vector passes.
   std::vector<T> m_s(lanes, static_cast<T>(kLogZero)), m_t(lanes, static_cast<T>(kLogZero));
-  std::vector<T> log_l_s(lanes), log_l_t(lanes), vc_s(lanes), vc_t(lanes), vscale(lanes, T(0));
+  std::vector<T> log_l_s(lanes), log_l_t(lanes), vc_s(lanes), vc_t(lanes), vscale_s(lanes, T(0)),
+      vscale_t(lanes, T(0));
   std::vector<double> l_s(lanes, 0.0), l_t(lanes, 0.0), acc(lanes, 0.0), loss(lanes), c_s(lanes), c_t(lanes);
   std::vector<T> part_s(lanes), part_t(lanes), part_a(lanes);  // one block's vector sums
 
-  // ---- pass 0: the rows' maxima (tanh(z / cap) stored in place under a softcap)
+  // ---- pass 0: the rows' maxima (tanh(z / cap) stored in place under a model's softcap)
   for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
     using IO = GroupIO<T, decltype(tail)>;
     T* ps = xs + base;
@@ -173,14 +177,16 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
       IO::load(pt + v * ld_t, n, b);
       prefetch_next(ps + v * ld_s, pt + v * ld_t);
       for (int64_t u = 0; u < U; ++u) {
-        if (k.use_cap) {
-          a[u] = (a[u] * inv_cap).tanh();
-          b[u] = (b[u] * inv_cap).tanh();
+        if (cap_s) {
+          a[u] = (a[u] * inv_cap_s).tanh();
           IO::store(ps + v * ld_s, n, a[u], u);
+        }
+        if (cap_t) {
+          b[u] = (b[u] * inv_cap_t).tanh();
           IO::store(pt + v * ld_t, n, b[u], u);
         }
-        max_s[u] = at::vec::maximum(max_s[u], a[u] * mult);  // propagates NaN
-        max_t[u] = at::vec::maximum(max_t[u], b[u] * mult);
+        max_s[u] = at::vec::maximum(max_s[u], a[u] * mult_s);  // propagates NaN
+        max_t[u] = at::vec::maximum(max_t[u], b[u] * mult_t);
       }
     }
     store_state(m_s, i0, max_s);
@@ -203,7 +209,7 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
       IO::load(pt + v * ld_t, n, b);
       prefetch_next(ps + v * ld_s, pt + v * ld_t);
       for (int64_t u = 0; u < U; ++u) {
-        const Vec da = a[u] * mult - vm_s[u], db = b[u] * mult - vm_t[u];
+        const Vec da = a[u] * mult_s - vm_s[u], db = b[u] * mult_t - vm_t[u];
         const Vec ea = da.exp(), eb = db.exp();
         sum_s[u] += ea;
         sum_t[u] += eb;
@@ -243,7 +249,7 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
         IO::load(xt + base + v * ld_t, n, b);
         prefetch_next(xs + base + v * ld_s, xt + base + v * ld_t);
         for (int64_t u = 0; u < U; ++u) {
-          const Vec lq = (a[u] * mult - vm_s[u]) - vls[u], lp = (b[u] * mult - vm_t[u]) - vlt[u];
+          const Vec lq = (a[u] * mult_s - vm_s[u]) - vls[u], lp = (b[u] * mult_t - vm_t[u]) - vlt[u];
           Vec phi, qg, ph;
           terms<T, KIND>(lq, lp, k, phi, qg, ph);
           sum_phi[u].add(phi);
@@ -275,40 +281,43 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
     st[5] = static_cast<T>(c_t[i]);
     vc_s[i] = static_cast<T>(c_s[i]);
     vc_t[i] = static_cast<T>(c_t[i]);
-    if (scale) vscale[i] = scale[r];
+    if (scale_s) vscale_s[i] = scale_s[r];
+    if (scale_t) vscale_t[i] = scale_t[r];
   }
   if (!grad_s && !grad_t) return;
 
-  // ---- pass 3: G = (q*g - q c_s) * row_grad / T (likewise p*h - p c_t), times 1 - tanh^2 under a softcap
+  // ---- pass 3: G = (q*g - q c_s) * row_grad / T_s (likewise p*h - p c_t, T_t), times 1 - tanh^2 under the model's
+  // softcap
   for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
     using IO = GroupIO<T, decltype(tail)>;
     T* ps = xs + base;
     T* pt = xt + base;
     const int64_t i0 = g * GW;
-    Vec vm_s[U], vm_t[U], vls[U], vlt[U], cs[U], ct[U], sc[U], a[U], b[U];
+    Vec vm_s[U], vm_t[U], vls[U], vlt[U], cs[U], ct[U], sc_s[U], sc_t[U], a[U], b[U];
     load_state(m_s, i0, vm_s);
     load_state(m_t, i0, vm_t);
     load_state(log_l_s, i0, vls);
     load_state(log_l_t, i0, vlt);
     load_state(vc_s, i0, cs);
     load_state(vc_t, i0, ct);
-    load_state(vscale, i0, sc);
+    load_state(vscale_s, i0, sc_s);
+    load_state(vscale_t, i0, sc_t);
     for (int64_t v = b0; v < b1; ++v) {
       IO::load(ps + v * ld_s, n, a);
       IO::load(pt + v * ld_t, n, b);
       prefetch_next(ps + v * ld_s, pt + v * ld_t);
       for (int64_t u = 0; u < U; ++u) {
-        const Vec lq = (a[u] * mult - vm_s[u]) - vls[u], lp = (b[u] * mult - vm_t[u]) - vlt[u];
+        const Vec lq = (a[u] * mult_s - vm_s[u]) - vls[u], lp = (b[u] * mult_t - vm_t[u]) - vlt[u];
         Vec g_s, g_t;
         grads<T, KIND>(lq, lp, cs[u], ct[u], k, grad_s, grad_t, g_s, g_t);
         if (grad_s) {
-          g_s = g_s * sc[u];
-          if (k.use_cap) g_s = g_s * (one - a[u] * a[u]);
+          g_s = g_s * sc_s[u];
+          if (cap_s) g_s = g_s * (one - a[u] * a[u]);
           IO::store(ps + v * ld_s, n, g_s, u);
         }
         if (grad_t) {
-          g_t = g_t * sc[u];
-          if (k.use_cap) g_t = g_t * (one - b[u] * b[u]);
+          g_t = g_t * sc_t[u];
+          if (cap_t) g_t = g_t * (one - b[u] * b[u]);
           IO::store(pt + v * ld_t, n, g_t, u);
         }
       }
@@ -320,25 +329,26 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
 
 template <typename T>
 void divergence_cols(int64_t kind, T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64_t r1,
-                     const Consts<T>& k, const T* scale, bool grad_s, bool grad_t, T* out_loss, T* out_stats) {
+                     const Consts<T>& k, const T* scale_s, const T* scale_t, bool grad_s, bool grad_t, T* out_loss,
+                     T* out_stats) {
+#define MINILLM_COLS(KIND) \
+  return cols<T, KIND>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale_s, scale_t, grad_s, grad_t, out_loss, out_stats)
   switch (kind) {
-    case REVERSE_KL: return cols<T, REVERSE_KL>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss,
-                                                out_stats);
-    case FORWARD_KL: return cols<T, FORWARD_KL>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss,
-                                                out_stats);
-    case JSD: return cols<T, JSD>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss, out_stats);
-    case TVD: return cols<T, TVD>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss, out_stats);
-    case SKEW_FORWARD_KL: return cols<T, SKEW_FORWARD_KL>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t,
-                                                          out_loss, out_stats);
-    default: return cols<T, SKEW_REVERSE_KL>(xs, xt, ld_s, ld_t, V, r0, r1, k, scale, grad_s, grad_t, out_loss,
-                                             out_stats);
+    case REVERSE_KL: MINILLM_COLS(REVERSE_KL);
+    case FORWARD_KL: MINILLM_COLS(FORWARD_KL);
+    case JSD: MINILLM_COLS(JSD);
+    case TVD: MINILLM_COLS(TVD);
+    case SKEW_FORWARD_KL: MINILLM_COLS(SKEW_FORWARD_KL);
+    default: MINILLM_COLS(SKEW_REVERSE_KL);
   }
+#undef MINILLM_COLS
 }
 
 template void divergence_cols<float>(int64_t, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                     const Consts<float>&, const float*, bool, bool, float*, float*);
+                                     const Consts<float>&, const float*, const float*, bool, bool, float*, float*);
 template void divergence_cols<double>(int64_t, double*, double*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                      const Consts<double>&, const double*, bool, bool, double*, double*);
+                                      const Consts<double>&, const double*, const double*, bool, bool, double*,
+                                      double*);
 
 }  // namespace divergence
 }  // namespace minillm_fast_native

@@ -21,18 +21,19 @@ using at::vec::Vectorized;
 
 enum Kind : int64_t { REVERSE_KL = 0, FORWARD_KL, JSD, TVD, SKEW_FORWARD_KL, SKEW_REVERSE_KL };
 
+// The op's constants: each model's scaling (s = x * k.s.mult for the student, t = x * k.t.mult for the teacher, x
+// the buffer value: z, or tanh(z / cap) after pass 1 under that model's softcap; gradients scaled by its own 1 / T
+// and tanh derivative) and the divergence's mixture weight.
 template <typename T>
 struct Consts {
-  T mult;      // s = x * mult, x the buffer value: z (mult = 1/T), or tanh(z / cap) after pass 1 (mult = cap / T)
-  T inv_cap;   // 1 / softcap
-  bool use_cap;
+  common::Scale<T> s, t;  // student, teacher (minillm_fast/scaling.py: each model its own temperature and softcap)
   T log_w, log_1mw;  // log of the mixture weight w (beta or skew) and of 1 - w; LOG_ZERO for log 0
   T w, w1;           // exp(log_w), exp(log_1mw)
 
-  Consts(double temperature, double softcap, double log_w_, double log_1mw_)
-      : mult(static_cast<T>(softcap > 0 ? softcap / temperature : 1.0 / temperature)),
-        inv_cap(static_cast<T>(softcap > 0 ? 1.0 / softcap : 0.0)),
-        use_cap(softcap > 0),
+  Consts(double temperature_s, double softcap_s, double temperature_t, double softcap_t, double log_w_,
+         double log_1mw_)
+      : s(temperature_s, softcap_s),
+        t(temperature_t, softcap_t),
         log_w(static_cast<T>(log_w_)),
         log_1mw(static_cast<T>(log_1mw_)),
         w(static_cast<T>(std::exp(log_w_))),
@@ -177,11 +178,12 @@ inline void grads(const Vectorized<T>& lq, const Vectorized<T>& lp, const Vector
 }
 
 // The column kernel's entry (divergence_cols_cpu.cpp): rows [r0, r1) of a vocabulary-major chunk. xs, xt: entry
-// (r, v) at x[v * ld + r]; scale [C]: row_grad / T per row (null when no gradient is wanted); out_loss [C],
-// out_stats [C, 6] as the row kernel's. Defined for T = float, double.
+// (r, v) at x[v * ld + r]; scale_s, scale_t [C]: row_grad / T_s and row_grad / T_t per row (null when no gradient
+// is wanted); out_loss [C], out_stats [C, 6] as the row kernel's. Defined for T = float, double.
 template <typename T>
 void divergence_cols(int64_t kind, T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64_t r1,
-                     const Consts<T>& k, const T* scale, bool grad_s, bool grad_t, T* out_loss, T* out_stats);
+                     const Consts<T>& k, const T* scale_s, const T* scale_t, bool grad_s, bool grad_t, T* out_loss,
+                     T* out_stats);
 
 }  // namespace divergence
 }  // namespace minillm_fast_native

@@ -1,9 +1,11 @@
 // Native (C++) rows function of the token-chunked fused divergence, for CPU tensors.
 //
-// Math (DESIGN.md section 2, minillm_fast/divergences.py). Per row, with s = softcap(z_s) / T and t = softcap(z_t) / T,
-// lq = s - lse(s), lp = t - lse(t), the loss is L = sum_v phi and the gradients with respect to the raw logits are
+// Math (DESIGN.md section 2, minillm_fast/divergences.py). Per row, with s = softcap_s(z_s) / T_s and
+// t = softcap_t(z_t) / T_t (each model its own effective temperature and softcap, minillm_fast/scaling.py; a cap of 0
+// is none), lq = s - lse(s), lp = t - lse(t), the loss is L = sum_v phi and the gradients with respect to the raw
+// logits are
 //
-//     dL/dz_s = (q*g - q * c_s) / T * (1 - tanh^2),   c_s = sum_v q*g     (likewise dL/dz_t with p*h, c_t)
+//     dL/dz_s = (q*g - q * c_s) / T_s * (1 - tanh_s^2),   c_s = sum_v q*g   (likewise dL/dz_t with p*h, c_t, T_t)
 //
 // with the per-entry phi, q*g, p*h of the divergences table (the same formulas as kernels/fused_divergence.py).
 //
@@ -11,12 +13,14 @@
 // one thread in a fixed order, so results do not depend on the thread count. Per row:
 //
 //   pass 1  one sweep over the row in blocks of kBlock entries that stay in L1: the block's maxima first (with a
-//           softcap, tanh(z / cap) is computed once here and stored in place of z; every later pass multiplies it
-//           by cap / T), then, against the running maxima, the sums of exp for both models and, for the two KLs,
-//           the shifted accumulator  acc = sum e^(a - m_a) ((a - m_a) - (b - m_b)),  rebased when a running maximum
-//           moves (as `_kl_update` in the Triton kernel). The KLs' loss and c_s, c_t come out of this single pass.
+//           model's softcap, tanh(z / cap) is computed once here and stored in place of z; every later pass
+//           multiplies it by that model's cap / T), then, against the running maxima, the sums of exp for both
+//           models and, for the two KLs, the shifted accumulator  acc = sum e^(a - m_a) ((a - m_a) - (b - m_b)),
+//           rebased when a running maximum moves (as `_kl_update` in the Triton kernel). The KLs' loss and c_s, c_t
+//           come out of this single pass.
 //   pass 2  (JSD, TVD, skew KLs) phi, q*g, p*h need normalised probabilities: a second sweep once both lse are known.
-//   pass 3  when a gradient is wanted: G written in place over z_s / z_t, already multiplied by row_grad / T.
+//   pass 3  when a gradient is wanted: G written in place over z_s / z_t, already multiplied by row_grad / T_s
+//           (row_grad / T_t).
 //
 // Within a block the sums are vector sums of at most kBlock / W terms per lane; blocks are added in double, so the
 // summation error does not grow with the vocabulary. Entries past the end of a row are masked (a finite LOG_ZERO
@@ -69,12 +73,14 @@ using namespace divergence;  // Kind, Consts and the per-entry math (divergence_
 // ---------------------------------------------------------------------------------------------------------------------
 // xs, xt: [V] raw logits of the row (overwritten: tanh(z / cap) after pass 1 under a softcap, G after pass 3).
 // out_loss: the row's loss; out_stats: [6] m_s, log l_s, m_t, log l_t, c_s, c_t (lse = m + log l, kept
-// apart). scale = row_grad / T.
+// apart). scale_s = row_grad / T_s, scale_t = row_grad / T_t.
 template <typename T, int64_t KIND>
-void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool grad_s, bool grad_t, T* out_loss,
-                    T* out_stats) {
+void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale_s, T scale_t, bool grad_s, bool grad_t,
+                    T* out_loss, T* out_stats) {
   using Vec = Vectorized<T>;
-  const Vec mult(k.mult), inv_cap(k.inv_cap), zero(T(0)), one(T(1)), sentinel(static_cast<T>(kLogZero));
+  const Vec mult_s(k.s.mult), mult_t(k.t.mult), inv_cap_s(k.s.inv_cap), inv_cap_t(k.t.inv_cap), zero(T(0)),
+      one(T(1)), sentinel(static_cast<T>(kLogZero));
+  const bool cap_s = k.s.use_cap, cap_t = k.t.use_cap;
 
   // ---- pass 1: lse of both models (and the KL accumulator), blocks of kBlock entries
   T m_s = static_cast<T>(kLogZero), m_t = static_cast<T>(kLogZero);
@@ -85,14 +91,16 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
     for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
       using Tail = decltype(tail);
       Vec a = load<T, Tail>(xs + j, n), b = load<T, Tail>(xt + j, n);
-      if (k.use_cap) {
-        a = (a * inv_cap).tanh();
-        b = (b * inv_cap).tanh();
+      if (cap_s) {
+        a = (a * inv_cap_s).tanh();
         store<T, Tail>(xs + j, a, n);
+      }
+      if (cap_t) {
+        b = (b * inv_cap_t).tanh();
         store<T, Tail>(xt + j, b, n);
       }
-      max_s = at::vec::maximum(max_s, keep<T, Tail>(a * mult, sentinel, n));
-      max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult, sentinel, n));
+      max_s = at::vec::maximum(max_s, keep<T, Tail>(a * mult_s, sentinel, n));
+      max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult_t, sentinel, n));
     });
     const T ms_new = nan_max(m_s, hmax(max_s)), mt_new = nan_max(m_t, hmax(max_t));
     if (!(ms_new == m_s && mt_new == m_t)) rebase<KIND>(m_s, m_t, ms_new, mt_new, l_s, l_t, acc);
@@ -100,8 +108,8 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
     Vec sum_s(zero), sum_t(zero), sum_acc(zero);
     for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
       using Tail = decltype(tail);
-      const Vec da = keep<T, Tail>(load<T, Tail>(xs + j, n) * mult, sentinel, n) - vm_s;
-      const Vec db = keep<T, Tail>(load<T, Tail>(xt + j, n) * mult, sentinel, n) - vm_t;
+      const Vec da = keep<T, Tail>(load<T, Tail>(xs + j, n) * mult_s, sentinel, n) - vm_s;
+      const Vec db = keep<T, Tail>(load<T, Tail>(xt + j, n) * mult_t, sentinel, n) - vm_t;
       const Vec ea = da.exp(), eb = db.exp();
       sum_s += ea;
       sum_t += eb;
@@ -119,8 +127,8 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
   const Vec vm_s(m_s), vm_t(m_t), vlog_ls(static_cast<T>(log_ls)), vlog_lt(static_cast<T>(log_lt));
   auto log_probs = [&](auto tail, int64_t j, int64_t n, Vec& lq, Vec& lp) {
     using Tail = decltype(tail);
-    lq = (load<T, Tail>(xs + j, n) * mult - vm_s) - vlog_ls;
-    lp = (load<T, Tail>(xt + j, n) * mult - vm_t) - vlog_lt;
+    lq = (load<T, Tail>(xs + j, n) * mult_s - vm_s) - vlog_ls;
+    lp = (load<T, Tail>(xt + j, n) * mult_t - vm_t) - vlog_lt;
   };
 
   // ---- pass 2: the other divergences need normalised probabilities
@@ -151,24 +159,25 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
   out_stats[5] = static_cast<T>(c_t);
   if (!grad_s && !grad_t) return;
 
-  // ---- pass 3: G = (q*g - q c_s) * row_grad / T (likewise p*h - p c_t), times 1 - tanh^2 under a softcap
-  const Vec vc_s(static_cast<T>(c_s)), vc_t(static_cast<T>(c_t)), vscale(scale);
+  // ---- pass 3: G = (q*g - q c_s) * row_grad / T_s (likewise p*h - p c_t, T_t), times 1 - tanh^2 under the model's
+  // softcap
+  const Vec vc_s(static_cast<T>(c_s)), vc_t(static_cast<T>(c_t)), vscale_s(scale_s), vscale_t(scale_t);
   for_vecs<T>(0, V, [&](auto tail, int64_t j, int64_t n) {
     using Tail = decltype(tail);
     Vec lq, lp, g_s, g_t;
     log_probs(tail, j, n, lq, lp);
     grads<T, KIND>(lq, lp, vc_s, vc_t, k, grad_s, grad_t, g_s, g_t);
     if (grad_s) {
-      g_s = g_s * vscale;
-      if (k.use_cap) {
+      g_s = g_s * vscale_s;
+      if (cap_s) {
         const Vec c = load<T, Tail>(xs + j, n);
         g_s = g_s * (one - c * c);
       }
       store<T, Tail>(xs + j, g_s, n);
     }
     if (grad_t) {
-      g_t = g_t * vscale;
-      if (k.use_cap) {
+      g_t = g_t * vscale_t;
+      if (cap_t) {
         const Vec c = load<T, Tail>(xt + j, n);
         g_t = g_t * (one - c * c);
       }
@@ -178,7 +187,7 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale, bool g
 }
 
 template <typename T>
-using RowFn = void (*)(T*, T*, int64_t, const Consts<T>&, T, bool, bool, T*, T*);
+using RowFn = void (*)(T*, T*, int64_t, const Consts<T>&, T, T, bool, bool, T*, T*);
 
 template <typename T>
 RowFn<T> row_fn(int64_t kind) {
@@ -220,11 +229,13 @@ Layout check_logits(const char* name, const at::Tensor& z) {
 // same; columns: the vocabulary-major chunk a `W h^T` matmul writes, which is how the chunked strategy computes them
 // on CPU, see minillm_fast/chunked.py); overwritten in place (with G
 // when grad_s / grad_t, else with scratch values under a softcap). row_grad: [C] upstream gradient of each row's loss,
-// required when a gradient is wanted. kind: 0..5 (divergences.py). Returns loss [C] and stats [C, 6]
-// (lse_s, lse_t, c_s, c_t) in the logits' dtype.
+// required when a gradient is wanted. kind: 0..5 (divergences.py). temperature_s, softcap_s: the student's effective
+// temperature and softcap (0: none), temperature_t, softcap_t the teacher's (DivergenceConfig.kernel_args,
+// minillm_fast/scaling.py). Returns loss [C] and stats [C, 6] (lse_s, lse_t, c_s, c_t) in the logits' dtype.
 std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt, c10::optional<at::Tensor> row_grad,
-                                                   int64_t kind, double log_w, double log_1mw, double temperature,
-                                                   double softcap, bool grad_s, bool grad_t) {
+                                                   int64_t kind, double log_w, double log_1mw, double temperature_s,
+                                                   double softcap_s, double temperature_t, double softcap_t,
+                                                   bool grad_s, bool grad_t) {
   const Layout layout = check_logits("zs", zs);
   TORCH_CHECK(check_logits("zt", zt) == layout, "divergence_rows: zt must have the memory layout of zs (strides ",
               zs.strides(), "), got strides ", zt.strides());
@@ -236,10 +247,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt,
               "divergence_rows: zs and zt must be distinct buffers (both are overwritten in place)");
   TORCH_CHECK(kind >= REVERSE_KL && kind <= SKEW_REVERSE_KL, "divergence_rows: kind must be in [0, 5] ",
               "(reverse_kl, forward_kl, jsd, tvd, skew_forward_kl, skew_reverse_kl), got ", kind);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "divergence_rows: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0,
-              "divergence_rows: softcap must be finite and >= 0 (0: none), got ", softcap);
+  common::check_scalars("divergence_rows", "temperature_s", temperature_s, "softcap_s", softcap_s);
+  common::check_scalars("divergence_rows", "temperature_t", temperature_t, "softcap_t", softcap_t);
   TORCH_CHECK(!std::isnan(log_w) && log_w <= 0 && !std::isnan(log_1mw) && log_1mw <= 0,
               "divergence_rows: log_w and log_1mw must be logs of weights in [0, 1] (LOG_ZERO for 0), got ", log_w,
               " and ", log_1mw);
@@ -261,26 +270,31 @@ std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt,
 
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "minillm_fast_native::divergence_rows", [&] {
     using T = scalar_t;
-    const Consts<T> k(temperature, softcap, log_w, log_1mw);
+    const Consts<T> k(temperature_s, softcap_s, temperature_t, softcap_t, log_w, log_1mw);
     T* ps = zs.data_ptr<T>();
     T* pt = zt.data_ptr<T>();
     const T* prg = rg.defined() ? rg.data_ptr<T>() : nullptr;
     T* pl = loss.data_ptr<T>();
     T* pst = stats.data_ptr<T>();
-    const T inv_t = static_cast<T>(1.0 / temperature);
+    const T inv_t_s = k.s.inv_t, inv_t_t = k.t.inv_t;  // each model's gradient scale row_grad / T
     if (layout == Layout::kColumns) {
       // Groups of W rows (the vector width) are the unit of work; a task gets at least ~32k entries.
       constexpr int64_t W = Vectorized<T>::size();
-      std::vector<T> scale;
+      std::vector<T> scale_s, scale_t;
       if (prg) {
-        scale.resize(C);
-        for (int64_t r = 0; r < C; ++r) scale[r] = prg[r] * inv_t;
+        scale_s.resize(C);
+        scale_t.resize(C);
+        for (int64_t r = 0; r < C; ++r) {
+          scale_s[r] = prg[r] * inv_t_s;
+          scale_t[r] = prg[r] * inv_t_t;
+        }
       }
       const int64_t groups = (C + W - 1) / W;
       const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / (W * V));
       at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
         divergence_cols<T>(kind, ps, pt, zs.stride(1), zt.stride(1), V, g0 * W, std::min(C, g1 * W), k,
-                           prg ? scale.data() : nullptr, grad_s, grad_t, pl, pst);
+                           prg ? scale_s.data() : nullptr, prg ? scale_t.data() : nullptr, grad_s, grad_t, pl,
+                           pst);
       });
       return;
     }
@@ -290,8 +304,8 @@ std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt,
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / V);
     at::parallel_for(0, C, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const T scale = prg ? prg[r] * inv_t : T(0);
-        fn(ps + r * ld_s, pt + r * ld_t, V, k, scale, grad_s, grad_t, pl + r, pst + 6 * r);
+        const T scale_s = prg ? prg[r] * inv_t_s : T(0), scale_t = prg ? prg[r] * inv_t_t : T(0);
+        fn(ps + r * ld_s, pt + r * ld_t, V, k, scale_s, scale_t, grad_s, grad_t, pl + r, pst + 6 * r);
       }
     });
   });
@@ -305,7 +319,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divergence_rows", &minillm_fast_native::divergence_rows,
         "Loss [C], stats [C, 6] of chunk logits zs, zt [C, V]; G written in place when grad_s / grad_t.",
         py::arg("zs"), py::arg("zt"), py::arg("row_grad"), py::arg("kind"), py::arg("log_w"), py::arg("log_1mw"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("grad_s"), py::arg("grad_t"),
+        py::arg("temperature_s"), py::arg("softcap_s"), py::arg("temperature_t"), py::arg("softcap_t"),
+        py::arg("grad_s"), py::arg("grad_t"),
         py::call_guard<py::gil_scoped_release>());
   m.def("capability", [] { return std::string(MINILLM_STR(CPU_CAPABILITY)); },
         "The instruction set the extension was compiled for (DEFAULT, AVX2, AVX512).");

@@ -6,7 +6,8 @@
 // row is one task of at::parallel_for and is computed by one thread in a fixed order (results do not depend on the
 // thread count), the vocabulary is swept in blocks of kBlock entries that stay in L1, vector sums within a block and
 // double sums across blocks. Under a softcap the first sweep stores tanh(z / cap) in place of z; every later read
-// multiplies the buffer value by `mult` (cap / T, else 1 / T) to get the scaled logit s.
+// multiplies the buffer value by `mult` (cap / T, else 1 / T) to get the scaled logit s. In the two-model kernels each
+// model has its own Scale (its own T and cap: minillm_fast/scaling.py).
 #pragma once
 
 #include <torch/extension.h>
@@ -195,11 +196,18 @@ inline at::Tensor check_rows(const char* op, const char* name, const at::Tensor&
   return t.contiguous();
 }
 
+// One model's scaling: its (effective) temperature and softcap, named as the op's arguments are (e.g.
+// "temperature_s", "softcap_s").
+inline void check_scalars(const char* op, const char* temperature_name, double temperature, const char* softcap_name,
+                          double softcap) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": ", temperature_name,
+              " must be finite and > 0, got ", temperature);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": ", softcap_name,
+              " must be finite and >= 0 (0: none), got ", softcap);
+}
+
 inline void check_scalars(const char* op, double temperature, double softcap) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be finite and > 0, got ",
-              temperature);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0 (0: none), got ",
-              softcap);
+  check_scalars(op, "temperature", temperature, "softcap", softcap);
 }
 
 }  // namespace common

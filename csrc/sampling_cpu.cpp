@@ -1,6 +1,7 @@
 // Native (C++) row kernel of the rollout sampler, for CPU tensors (minillm_fast/ops/sampling.py, backend "native"):
 // one token per row from the mixture  m = alpha p + (1 - alpha) q  (p = softmax(t) the teacher, q = softmax(s) the
-// student, s = softcap(z) / T), with log q(y) and log p(y) of the drawn token. Without a teacher it samples q.
+// student; s = softcap_s(z_s) / T_s and t = softcap_t(z_t) / T_t, each model its own scaling, minillm_fast/scaling.py),
+// with log q(y) and log p(y) of the drawn token. Without a teacher it samples q (the teacher's scaling is ignored).
 //
 // Exact and by inverse CDF. A draw from a two-component mixture is "pick the component (the teacher with probability
 // alpha), then draw from it"; a draw from softmax(x) is the first token y whose cumulative weight
@@ -93,17 +94,22 @@ int64_t draw_token(const T* x, const Scale<T>& k, std::vector<Block>& blocks, do
   return hit->b0 + last;
 }
 
-// zs: [C, V] raw chunk logits of the student, zt: the teacher's or None (overwritten under a softcap); seed: [1] int64
-// (the Philox key); row_offset: global index of the chunk's first row (the Philox counter). Returns tokens [C] int64,
-// log q(y) [C] and log p(y) [C] ([0] without a teacher) in the logits' dtype.
+// zs: [C, V] raw chunk logits of the student, zt: the teacher's or None (each overwritten under its model's softcap);
+// seed: [1] int64 (the Philox key); row_offset: global index of the chunk's first row (the Philox counter);
+// temperature_s, softcap_s: the student's effective temperature and softcap (0: none), temperature_t, softcap_t the
+// teacher's (ignored, not checked, without a teacher). Returns tokens [C] int64, log q(y) [C] and log p(y) [C] ([0]
+// without a teacher) in the logits' dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_sample_rows(const at::Tensor& zs,
                                                                    const c10::optional<at::Tensor>& zt,
                                                                    const at::Tensor& seed, int64_t row_offset,
-                                                                   double alpha, double temperature, double softcap) {
+                                                                   double alpha, double temperature_s,
+                                                                   double softcap_s, double temperature_t,
+                                                                   double softcap_t) {
   check_logits(kSample, "zs", zs);
   const bool teacher = zt.has_value() && zt->defined();
   if (teacher) check_same_logits(kSample, "zt", *zt, zs);
-  check_scalars(kSample, temperature, softcap);
+  check_scalars(kSample, "temperature_s", temperature_s, "softcap_s", softcap_s);
+  if (teacher) check_scalars(kSample, "temperature_t", temperature_t, "softcap_t", softcap_t);
   TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, kSample, ": alpha must be in [0, 1], got ", alpha);
   TORCH_CHECK(seed.device().is_cpu() && seed.numel() == 1 && seed.scalar_type() == at::kLong, kSample,
               ": seed must be a CPU int64 tensor of one element, got ", seed.scalar_type(), " ", seed.sizes(), " on ",
@@ -118,7 +124,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_sample_rows(const at::Ten
 
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "minillm_fast_native::mixture_sample_rows", [&] {
     using T = scalar_t;
-    const Scale<T> k(temperature, softcap);
+    const Scale<T> ks(temperature_s, softcap_s);
+    // without a teacher its scaling is never used (and may be anything): a placeholder
+    const Scale<T> kt = teacher ? Scale<T>(temperature_t, softcap_t) : ks;
     T* ps = zs.data_ptr<T>();
     T* pt = teacher ? zt->data_ptr<T>() : nullptr;
     const int64_t ld_s = zs.stride(0), ld_t = teacher ? zt->stride(0) : 0;
@@ -136,13 +144,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_sample_rows(const at::Ten
         T* xs = ps + r * ld_s;
         T* xt = teacher ? pt + r * ld_t : nullptr;
         blocks.clear();
-        const RowLse st_s = use_t ? row_lse<T>(xs, V, k) : row_lse<T, false>(xs, V, k, record);
+        const RowLse st_s = use_t ? row_lse<T>(xs, V, ks) : row_lse<T, false>(xs, V, ks, record);
         RowLse st_t{0.0, 0.0, 0.0};
-        if (teacher) st_t = use_t ? row_lse<T, false>(xt, V, k, record) : row_lse<T>(xt, V, k);
-        const int64_t y = use_t ? draw_token(xt, k, blocks, st_t.m, rnd.u) : draw_token(xs, k, blocks, st_s.m, rnd.u);
+        if (teacher) st_t = use_t ? row_lse<T, false>(xt, V, kt, record) : row_lse<T>(xt, V, kt);
+        const int64_t y =
+            use_t ? draw_token(xt, kt, blocks, st_t.m, rnd.u) : draw_token(xs, ks, blocks, st_s.m, rnd.u);
         ptok[r] = y;
-        plq[r] = static_cast<T>((xs[y] * k.mult - static_cast<T>(st_s.m)) - std::log(st_s.l));
-        if (teacher) plp[r] = static_cast<T>((xt[y] * k.mult - static_cast<T>(st_t.m)) - std::log(st_t.l));
+        plq[r] = static_cast<T>((xs[y] * ks.mult - static_cast<T>(st_s.m)) - std::log(st_s.l));
+        if (teacher) plp[r] = static_cast<T>((xt[y] * kt.mult - static_cast<T>(st_t.m)) - std::log(st_t.l));
       }
     });
   });
@@ -170,7 +179,7 @@ std::vector<int64_t> philox4x32_10(at::IntArrayRef counter, at::IntArrayRef key)
 
 TORCH_LIBRARY_FRAGMENT(minillm_fast_native, m) {
   m.def("mixture_sample_rows(Tensor(a!) zs, Tensor(b!)? zt, Tensor seed, int row_offset, float alpha, "
-        "float temperature, float softcap) -> (Tensor, Tensor, Tensor)");
+        "float temperature_s, float softcap_s, float temperature_t, float softcap_t) -> (Tensor, Tensor, Tensor)");
   m.def("philox4x32_10(int[] counter, int[] key) -> int[]", TORCH_FN(minillm_fast_native::philox4x32_10));
 }
 

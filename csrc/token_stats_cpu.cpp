@@ -13,7 +13,8 @@
 //                           the forward's m and log l: one sweep per row; the caller's matmuls take it from there.
 // rollout_statistics_rows   one sweep over both models' rows: both lse and the reverse-KL numerator
 //                           sum e^(s - m_s) ((s - m_s) - (t - m_t)) (as fused_divergence_cpu.cpp's pass 1), then
-//                           log q(y), log p(y) and KL(q || p) = A / l_s - log l_s + log l_t.
+//                           log q(y), log p(y) and KL(q || p) = A / l_s - log l_s + log l_t. Each model has its
+//                           own scaling: s = softcap_s(z_s) / T_s, t = softcap_t(z_t) / T_t (minillm_fast/scaling.py).
 //
 // The kernels are registered as torch.library ops of the namespace minillm_fast_native (the extension's pybind
 // module is fused_divergence_cpu.cpp's; ops need no edit there and are reachable as torch.ops.minillm_fast_native.*
@@ -155,14 +156,17 @@ void token_logprobs_bwd_rows(const at::Tensor& z, const at::Tensor& targets, con
 // ---------------------------------------------------------------------------------------------------------------------
 // rollout statistics
 // ---------------------------------------------------------------------------------------------------------------------
-// zs, zt: [C, V] raw chunk logits of the student and the teacher (overwritten under a softcap); tokens: [C] int64.
-// Returns log q(y), log p(y), KL(q || p), each [C] in the logits' dtype.
+// zs, zt: [C, V] raw chunk logits of the student and the teacher (each overwritten under its model's softcap);
+// tokens: [C] int64; temperature_s, softcap_s: the student's effective temperature and softcap (0: none),
+// temperature_t, softcap_t the teacher's. Returns log q(y), log p(y), KL(q || p), each [C] in the logits' dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_statistics_rows(const at::Tensor& zs, const at::Tensor& zt,
-                                                                       const at::Tensor& tokens, double temperature,
-                                                                       double softcap) {
+                                                                       const at::Tensor& tokens, double temperature_s,
+                                                                       double softcap_s, double temperature_t,
+                                                                       double softcap_t) {
   check_logits(kRollout, "zs", zs);
   check_same_logits(kRollout, "zt", zt, zs);
-  check_scalars(kRollout, temperature, softcap);
+  check_scalars(kRollout, "temperature_s", temperature_s, "softcap_s", softcap_s);
+  check_scalars(kRollout, "temperature_t", temperature_t, "softcap_t", softcap_t);
   const int64_t C = zs.size(0), V = zs.size(1);
   const at::Tensor y = check_rows(kRollout, "tokens", tokens, C, at::kLong);
   auto lq_y = at::empty({C}, zs.options());
@@ -173,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_statistics_rows(const at:
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "minillm_fast_native::rollout_statistics_rows", [&] {
     using T = scalar_t;
     using Vec = Vectorized<T>;
-    const Scale<T> k(temperature, softcap);
+    const Scale<T> ks(temperature_s, softcap_s), kt(temperature_t, softcap_t);
     T* ps = zs.data_ptr<T>();
     T* pt = zt.data_ptr<T>();
     const int64_t ld_s = zs.stride(0), ld_t = zt.stride(0);
@@ -181,12 +185,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_statistics_rows(const at:
     T* plq = lq_y.data_ptr<T>();
     T* plp = lp_y.data_ptr<T>();
     T* pkl = rkl.data_ptr<T>();
-    const Vec mult(k.mult), inv_cap(k.inv_cap), zero(T(0)), sentinel(static_cast<T>(kLogZero));
+    const Vec mult_s(ks.mult), mult_t(kt.mult), inv_cap_s(ks.inv_cap), inv_cap_t(kt.inv_cap), zero(T(0)),
+        sentinel(static_cast<T>(kLogZero));
     at::parallel_for(0, C, row_grain(V), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         T* xs = ps + r * ld_s;
         T* xt = pt + r * ld_t;
-        // one sweep over both rows, blocks of kBlock: maxima first (softcap stored in place), then the sums against
+        // one sweep over both rows, blocks of kBlock: maxima first (softcaps stored in place), then the sums against
         // the running maxima, with the KL numerator rebased when a maximum moves
         T m_s = static_cast<T>(kLogZero), m_t = static_cast<T>(kLogZero);
         double l_s = 0.0, l_t = 0.0, acc = 0.0;
@@ -196,14 +201,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_statistics_rows(const at:
           for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
             using Tail = decltype(tail);
             Vec a = load<T, Tail>(xs + j, n), b = load<T, Tail>(xt + j, n);
-            if (k.use_cap) {
-              a = (a * inv_cap).tanh();
-              b = (b * inv_cap).tanh();
+            if (ks.use_cap) {
+              a = (a * inv_cap_s).tanh();
               store<T, Tail>(xs + j, a, n);
+            }
+            if (kt.use_cap) {
+              b = (b * inv_cap_t).tanh();
               store<T, Tail>(xt + j, b, n);
             }
-            max_s = at::vec::maximum(max_s, keep<T, Tail>(a * mult, sentinel, n));
-            max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult, sentinel, n));
+            max_s = at::vec::maximum(max_s, keep<T, Tail>(a * mult_s, sentinel, n));
+            max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult_t, sentinel, n));
           });
           const T ms_new = nan_max(m_s, hmax(max_s)), mt_new = nan_max(m_t, hmax(max_t));
           if (!(ms_new == m_s && mt_new == m_t)) {
@@ -221,8 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_statistics_rows(const at:
           Vec sum_s(zero), sum_t(zero), sum_acc(zero);
           for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
             using Tail = decltype(tail);
-            const Vec da = keep<T, Tail>(load<T, Tail>(xs + j, n) * mult, sentinel, n) - vm_s;
-            const Vec db = keep<T, Tail>(load<T, Tail>(xt + j, n) * mult, sentinel, n) - vm_t;
+            const Vec da = keep<T, Tail>(load<T, Tail>(xs + j, n) * mult_s, sentinel, n) - vm_s;
+            const Vec db = keep<T, Tail>(load<T, Tail>(xt + j, n) * mult_t, sentinel, n) - vm_t;
             const Vec ea = da.exp();
             sum_s += ea;
             sum_t += db.exp();
@@ -234,8 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_statistics_rows(const at:
         }
         const double log_ls = std::log(l_s), log_lt = std::log(l_t);
         const int64_t yr = clamp_token(py[r], V);
-        plq[r] = static_cast<T>((xs[yr] * k.mult - m_s) - log_ls);
-        plp[r] = static_cast<T>((xt[yr] * k.mult - m_t) - log_lt);
+        plq[r] = static_cast<T>((xs[yr] * ks.mult - m_s) - log_ls);
+        plp[r] = static_cast<T>((xt[yr] * kt.mult - m_t) - log_lt);
         pkl[r] = static_cast<T>(acc / l_s - log_ls + log_lt);
       }
     });
@@ -251,8 +258,8 @@ TORCH_LIBRARY_FRAGMENT(minillm_fast_native, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("token_logprobs_bwd_rows(Tensor(a!) z, Tensor targets, Tensor stats, Tensor? ent, Tensor g_lp, "
         "Tensor? g_ent, float temperature, float softcap) -> ()");
-  m.def("rollout_statistics_rows(Tensor(a!) zs, Tensor(b!) zt, Tensor tokens, float temperature, float softcap) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("rollout_statistics_rows(Tensor(a!) zs, Tensor(b!) zt, Tensor tokens, float temperature_s, float softcap_s, "
+        "float temperature_t, float softcap_t) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minillm_fast_native, CPU, m) {

@@ -219,12 +219,25 @@ def cuda_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tenso
     bfloat16, float16 or float64 CUDA chunk logits, overwritten in place with the gradients where asked (left alone
     otherwise). Returns loss [C], stats [C, 6] (float32; float64 for float64 logits) and dL/dzs, dL/dzt (the
     overwritten buffers, in the logits' dtype) where asked, else None."""
+    args = kernel_args(cfg)
     if zs.stride(-1) != 1:
         zs = zs.contiguous()
     if zt.stride(-1) != 1:
         zt = zt.contiguous()
-    loss, stats = load().divergence_rows(zs, zt, row_grad, grad_s=grad_s, grad_t=grad_t, **cfg.kernel_args)
+    loss, stats = load().divergence_rows(zs, zt, row_grad, grad_s=grad_s, grad_t=grad_t, **args)
     return loss, stats, (zs if grad_s else None), (zt if grad_t else None)
+
+
+def kernel_args(cfg) -> dict:
+    """The CUDA row kernel's keywords for ``cfg`` (a chunked.DivergenceConfig): its binding takes one ``temperature,
+    softcap`` for both models, so the two models' scalings must be equal (ValueError otherwise)."""
+    if cfg.student != cfg.teacher:
+        raise ValueError(f"the CUDA row kernels take one scaling for both models; got student {cfg.student} and "
+                         f"teacher {cfg.teacher} (use the 'triton' or 'torch' backend for per-model scalings)")
+    a = dict(cfg.kernel_args)
+    for key in ("temperature_s", "softcap_s", "temperature_t", "softcap_t"):
+        a.pop(key)
+    return dict(a, temperature=cfg.student.temperature, softcap=cfg.student.softcap)
 
 
 def cuda_mixture_sample_rows(zs: torch.Tensor, zt: Optional[torch.Tensor], seed: torch.Tensor, row_offset: int, *,

@@ -38,6 +38,7 @@ from helpers import (STUDENT, Result, assert_rows_within_budget, assert_within_b
                      make_inputs, rounding_slack)
 from minillm_fast import chunked, divergences, native_cuda
 from minillm_fast.chunked import DivergenceConfig
+from minillm_fast.scaling import Scaling
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SRC = ROOT / "csrc" / "cuda"
@@ -208,7 +209,7 @@ class HostEmulation:
         m = _math(zs.dtype)
         loss, stats = torch.empty(c, dtype=m), torch.empty(c, 6, dtype=m)
         rg = None if row_grad is None else row_grad.to(m).contiguous()
-        a = cfg.kernel_args
+        a = native_cuda.kernel_args(cfg)  # one temperature and softcap for both models, as the CUDA binding takes
         rc = self.lib.emu_divergence_rows(DTYPE_CODE[zs.dtype], zs.data_ptr(), zt.data_ptr(), zs.stride(0),
                                           zt.stride(0), c, v, _ptr(rg), a["kind"], a["log_w"], a["log_1mw"],
                                           a["temperature"], a["softcap"], int(grad_s), int(grad_t), loss.data_ptr(),
@@ -292,7 +293,9 @@ def kern(request):
 # helpers
 # ----------------------------------------------------------------------------------------------------------------------
 def _cfg(name: str, temperature: float = 1.0, softcap: float = 0.0, vocab: int = 0, beta=0.3, skew=0.2):
-    return DivergenceConfig(divergences.resolve(name, beta, skew), temperature, softcap, vocab)
+    """Both models scaled by (temperature, softcap): the CUDA row kernels take one scaling for both."""
+    scaling = Scaling.of(temperature, softcap or None)
+    return DivergenceConfig(divergences.resolve(name, beta, skew), scaling, scaling, vocab)
 
 
 def _seed(*key) -> torch.Generator:
@@ -316,10 +319,10 @@ def _scaled(z, temperature=1.0, softcap=0.0):
 def _untie_tvd(zs, zt, cfg):
     """Nudge teacher logits off near-ties q ~= p, where TVD's sign(q - p) may flip in any fp32 implementation (in
     the logits' dtype: the nudge must survive the rounding of bf16 / fp16)."""
-    lq = torch.log_softmax(_scaled(zs, cfg.temperature, cfg.softcap), -1)
+    lq = torch.log_softmax(cfg.student.apply(zs.double())[0], -1)
     step = 0.01 if zt.dtype in (torch.float32, torch.float64) else 0.1
     for _ in range(20):
-        close = (lq - torch.log_softmax(_scaled(zt, cfg.temperature, cfg.softcap), -1)).abs() < 1e-5
+        close = (lq - torch.log_softmax(cfg.teacher.apply(zt.double())[0], -1)).abs() < 1e-5
         if not close.any():
             return zt
         zt = (zt.double() + step * close).to(zt.dtype)

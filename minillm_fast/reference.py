@@ -14,12 +14,14 @@ from typing import Optional
 import torch
 
 from . import divergences
+from .scaling import per_model
 
 
 def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            *, vocab_size: Optional[int] = None, softcap: Optional[float] = None,
-           temperature: float = 1.0) -> torch.Tensor:
-    """``[..., V]`` scaled logits ``softcap(h W^T + b) / T`` over the first ``vocab_size`` rows of the head.
+           temperature: float = 1.0, logit_scale: Optional[float] = None) -> torch.Tensor:
+    """``[..., V]`` scaled logits ``softcap(logit_scale * (h W^T + b)) / T`` over the first ``vocab_size`` rows of
+    the head, in that order, as a model and a distillation loss apply them (minillm_fast/scaling.py).
 
     hidden [..., H], weight [V_pad, H], bias [V_pad] or None. Computed in the inputs' dtype, returned as float64 for
     float64 inputs and float32 otherwise.
@@ -29,16 +31,29 @@ def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if bias is not None:
         z = z + bias[:v]
     z = z.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    if logit_scale is not None:
+        z = z * logit_scale
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     return z / temperature
+
+
+def _two_logits(hs, ws, bs, ht, wt, bt, vocab_size, temperature, softcap, logit_scale, student_softcap,
+                teacher_softcap, student_logit_scale, teacher_logit_scale):
+    """Both models' scaled logits, each with its own softcap and logit scale (given for both or per model)."""
+    caps = per_model("softcap", softcap, student_softcap, teacher_softcap)
+    scales = per_model("logit_scale", logit_scale, student_logit_scale, teacher_logit_scale)
+    s = logits(hs, ws, bs, vocab_size=vocab_size, softcap=caps[0], temperature=temperature, logit_scale=scales[0])
+    t = logits(ht, wt, bt, vocab_size=vocab_size, softcap=caps[1], temperature=temperature, logit_scale=scales[1])
+    return s, t
 
 
 def fused_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
                      divergence: str = "reverse_kl", labels=None, ignore_index: int = -100, mask=None,
                      token_weights=None, temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                      reduction: str = "mean", student_bias=None, teacher_bias=None, vocab_size=None,
-                     softcap=None) -> torch.Tensor:
+                     softcap=None, logit_scale=None, student_softcap=None, teacher_softcap=None,
+                     student_logit_scale=None, teacher_logit_scale=None) -> torch.Tensor:
     """Reference of :func:`minillm_fast.fused_divergence` (same arguments, no ``backend``).
 
     student_hidden [..., Hs], student_weight [V, Hs], teacher_hidden [..., Ht], teacher_weight [V, Ht];
@@ -46,10 +61,9 @@ def fused_divergence(student_hidden, student_weight, teacher_hidden, teacher_wei
     """
     div = divergences.resolve(divergence, beta, skew)
     lead = student_hidden.shape[:-1]
-    s = logits(student_hidden, student_weight, student_bias, vocab_size=vocab_size, softcap=softcap,
-               temperature=temperature)
-    t = logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size=vocab_size, softcap=softcap,
-               temperature=temperature)
+    s, t = _two_logits(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       vocab_size, temperature, softcap, logit_scale, student_softcap, teacher_softcap,
+                       student_logit_scale, teacher_logit_scale)
     per_token = divergences.phi(torch.log_softmax(s, -1), torch.log_softmax(t, -1), div).sum(-1)  # [...]
 
     keep = torch.ones(lead, dtype=torch.bool, device=s.device)
@@ -70,7 +84,7 @@ def fused_divergence(student_hidden, student_weight, teacher_hidden, teacher_wei
 # token log-probs, rollout statistics, mixture sampling (minillm_fast/ops/token_logprobs.py, ops/sampling.py)
 # ----------------------------------------------------------------------------------------------------------------------
 def token_logprobs(hidden, weight, targets, *, temperature: float = 1.0, bias=None, vocab_size=None, softcap=None,
-                   ignore_index: int = -100, return_entropy: bool = False):
+                   logit_scale=None, ignore_index: int = -100, return_entropy: bool = False):
     """Reference of :func:`minillm_fast.token_logprobs` (same arguments, no ``backend``).
 
     hidden [..., H], weight [V, H], targets [...] int. Returns ``log_softmax(s)[target]`` ``[...]`` (0 where
@@ -78,7 +92,7 @@ def token_logprobs(hidden, weight, targets, *, temperature: float = 1.0, bias=No
     (also 0 on ignored rows). Gradients by autograd.
     """
     lq = torch.log_softmax(logits(hidden, weight, bias, vocab_size=vocab_size, softcap=softcap,
-                                  temperature=temperature), -1)
+                                  temperature=temperature, logit_scale=logit_scale), -1)
     keep = targets != ignore_index
     picked = lq.gather(-1, torch.where(keep, targets, 0).long().unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros_like(picked)
@@ -91,28 +105,29 @@ def token_logprobs(hidden, weight, targets, *, temperature: float = 1.0, bias=No
 
 def mixture_probs(student_hidden, student_weight, teacher_hidden, teacher_weight, *, alpha: float = 0.2,
                   temperature: float = 1.0, student_bias=None, teacher_bias=None, vocab_size=None,
-                  softcap=None) -> torch.Tensor:
+                  softcap=None, logit_scale=None, student_softcap=None, teacher_softcap=None,
+                  student_logit_scale=None, teacher_logit_scale=None) -> torch.Tensor:
     """``[..., V]`` the rollout distribution ``alpha softmax(t) + (1 - alpha) softmax(s)`` (teacher weighted by
     alpha), the exact law that :func:`minillm_fast.mixture_sample` draws from."""
-    s = logits(student_hidden, student_weight, student_bias, vocab_size=vocab_size, softcap=softcap,
-               temperature=temperature)
-    t = logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size=vocab_size, softcap=softcap,
-               temperature=temperature)
+    s, t = _two_logits(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       vocab_size, temperature, softcap, logit_scale, student_softcap, teacher_softcap,
+                       student_logit_scale, teacher_logit_scale)
     return alpha * torch.softmax(t, -1) + (1 - alpha) * torch.softmax(s, -1)
 
 
 def rollout_statistics(student_hidden, student_weight, teacher_hidden, teacher_weight, tokens, *,
                        alpha: float = 0.2, temperature: float = 1.0, student_bias=None, teacher_bias=None,
-                       vocab_size=None, softcap=None):
+                       vocab_size=None, softcap=None, logit_scale=None, student_softcap=None, teacher_softcap=None,
+                       student_logit_scale=None, teacher_logit_scale=None):
     """Reference of :func:`minillm_fast.rollout_statistics` (same arguments, no ``backend``), returning the same
     ``RolloutStatistics`` of ``[...]`` tensors: log q(y), log p(y), log m(y) with ``m = alpha p + (1 - alpha) q``,
     the importance weight ``q(y) / m(y)`` and the full-vocabulary ``KL(q || p)``; q the student, p the teacher."""
     from .ops.sampling import RolloutStatistics  # the result type lives with the op
 
-    lq = torch.log_softmax(logits(student_hidden, student_weight, student_bias, vocab_size=vocab_size,
-                                  softcap=softcap, temperature=temperature), -1)
-    lp = torch.log_softmax(logits(teacher_hidden, teacher_weight, teacher_bias, vocab_size=vocab_size,
-                                  softcap=softcap, temperature=temperature), -1)
+    s, t = _two_logits(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                       vocab_size, temperature, softcap, logit_scale, student_softcap, teacher_softcap,
+                       student_logit_scale, teacher_logit_scale)
+    lq, lp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     idx = tokens.long().unsqueeze(-1)
     lq_y, lp_y = lq.gather(-1, idx).squeeze(-1), lp.gather(-1, idx).squeeze(-1)
     lm_y = divergences._log_mix(lp_y, lq_y, alpha)

@@ -77,3 +77,19 @@ def checked(temperature, softcap, logit_scale, *, prefix: str = "") -> Scaling:
     temperature = check_positive("temperature", temperature)
     cap = check_softcap(softcap, f"{prefix}softcap")
     return Scaling.of(temperature, cap or None, check_logit_scale(f"{prefix}logit_scale", logit_scale))
+
+
+def two_model_scalings(temperature: float, softcap, logit_scale, student_softcap, teacher_softcap,
+                       student_logit_scale, teacher_logit_scale) -> tuple[Scaling, Scaling]:
+    """The (student, teacher) :class:`Scaling` of a two-model op from its options, each given for both models
+    (``softcap``, ``logit_scale``) or per model (``student_softcap``, ...), checked (temperature already is)."""
+    from .checks import check_softcap
+
+    caps = per_model("softcap", softcap, student_softcap, teacher_softcap)
+    scales = per_model("logit_scale", logit_scale, student_logit_scale, teacher_logit_scale)
+    out = []
+    for i, side in enumerate(("student", "teacher")):
+        cap = check_softcap(caps[i], "softcap" if softcap is not None else f"{side}_softcap")
+        scale = check_logit_scale("logit_scale" if logit_scale is not None else f"{side}_logit_scale", scales[i])
+        out.append(Scaling.of(temperature, cap or None, scale))
+    return out[0], out[1]

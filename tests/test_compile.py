@@ -35,8 +35,9 @@ def _op_args(gen, backend, strategy, divergence, bias, n=11, hs=8, ht=12, v=37):
     row_scale = torch.rand(n, generator=gen).to(DEVICE)
     tensors = (x["student_hidden"], x["student_weight"], x["student_bias"], x["teacher_hidden"],
                x["teacher_weight"], x["teacher_bias"])
-    # kind, weight, temperature, softcap, vocab_size, backend, strategy, chunk_size
-    scalars = (div.kind, div.weight, 1.5, 0.0, v, backend, strategy, 4)
+    # kind, weight, scaling (each model's inv_temp and softcap: different on purpose), vocab_size, backend, strategy,
+    # chunk_size
+    scalars = (div.kind, div.weight, [1 / 1.5, 0.0, 0.8, 3.0], v, backend, strategy, 4)
     return tensors, row_scale, scalars
 
 
@@ -69,7 +70,7 @@ def test_fake_strides_match_real_on_transposed_inputs(backend, strategy, op, gen
     tensors, row_scale, scalars = _op_args(gen, backend, strategy, "reverse_kl", True)
     hs, ws, bs, ht, wt, bt = (None if t is None else (t.t().contiguous().t() if t.dim() == 2 else t) for t in tensors)
     assert hs.stride() == (1, hs.shape[0]) and ws.stride() == (1, ws.shape[0])
-    scalars = (*scalars[:5], backend, strategy, *scalars[7:])
+    scalars = (*scalars[:4], backend, strategy, *scalars[6:])
     if op == "fwd":
         args = (hs, ws, bs, ht, wt, bt, row_scale, *scalars, [True] * 6)
         fn = FWD

@@ -225,6 +225,20 @@ def test_softcap(impl, gen):
                  softcap=5.0, temperature=1.5)
 
 
+@pytest.mark.parametrize("scaling", [
+    dict(student_softcap=5.0),                                       # Gemma student, plain teacher
+    dict(teacher_softcap=4.0, teacher_logit_scale=0.3),              # Cohere-like scale, then a cap, on the teacher
+    dict(student_logit_scale=2.5, teacher_logit_scale=0.125, student_softcap=8.0, teacher_softcap=3.0),
+    dict(logit_scale=0.5, softcap=6.0)],                              # both models, one value each
+    ids=["student-cap", "teacher-scale-cap", "both-different", "shared"])
+def test_logit_scale_and_per_model_softcap(impl, scaling, gen):
+    """Each model's own ``softcap(logit_scale * z) / T``, forward and backward, gradients to both sides."""
+    x = make_inputs(gen, **SHAPE, bias=True, logit_std=12.0)  # many logits past the caps
+    for divergence in ("reverse_kl", "jsd"):
+        check_op(x, STUDENT + ("teacher_hidden", "student_bias"), backend=impl[0], strategy=impl[1],
+                 divergence=divergence, temperature=1.5, **scaling)
+
+
 def test_biases(impl, gen):
     x = make_inputs(gen, **SHAPE, bias=True)
     check_op(x, STUDENT + ("student_bias",), backend=impl[0], strategy=impl[1], divergence="jsd", beta=0.3)

@@ -274,3 +274,21 @@ def test_loss_module_needs_linear_heads(x):
     teacher = torch.nn.Linear(12, 19).to(DEVICE)
     with pytest.raises(TypeError, match=r"student_lm_head must be an nn.Linear \(the model's lm_head\), got Tensor"):
         loss_fn(x["student_hidden"], x["student_weight"], x["teacher_hidden"], teacher)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# each model's logit scale and softcap
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, value", [("logit_scale", -1.0), ("student_logit_scale", 0.0),
+                                         ("teacher_logit_scale", float("nan")), ("logit_scale", True),
+                                         ("teacher_softcap", -2.0), ("student_softcap", "3")])
+def test_bad_logit_scale_or_softcap_names_it(x, name, value):
+    with pytest.raises(ValueError, match=rf"{name}=.* must be a (finite )?number > 0"):
+        call(x, **{name: value})
+
+
+@pytest.mark.parametrize("shared, own", [("softcap", "student_softcap"), ("logit_scale", "teacher_logit_scale")])
+def test_shared_and_per_model_option_together(x, shared, own):
+    with pytest.raises(ValueError, match=rf"pass {shared}= \(both models\) or student_{shared}= / "
+                                         rf"teacher_{shared}= \(each model\), not both"):
+        call(x, **{shared: 2.0, own: 3.0})

@@ -136,7 +136,7 @@ def test_rollout_statistics_rows(k, setting, v):
     y = torch.randint(0, v, (13,), generator=gen)
     truth = _rollout_torch(zs.double(), zt.double(), y, temperature, softcap)
     naive = _rollout_torch(zs, zt, y, temperature, softcap)
-    lq, lp, rkl = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, temperature, softcap)
+    lq, lp, rkl = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, temperature, softcap, temperature, softcap)
     _assert_budget({"lq_y": lq, "lp_y": lp, "rkl": rkl}, naive, truth, f"[{setting} V={v}] ")
 
 
@@ -148,7 +148,7 @@ def test_large_offsets_and_peaked_rows(k):
     y = torch.randint(0, 777, (6,), generator=gen)
     truth = _rollout_torch(zs.double(), zt.double(), y, 1.0, 0.0)
     naive = _rollout_torch(zs, zt, y, 1.0, 0.0)
-    lq, lp, rkl = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, 1.0, 0.0)
+    lq, lp, rkl = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, 1.0, 0.0, 1.0, 0.0)
     _assert_budget({"lq_y": lq, "lp_y": lp, "rkl": rkl}, naive, truth, "[offsets] ")
     truth, naive = _tlp_torch(zs.double(), y, 1.0, 0.0), _tlp_torch(zs, y, 1.0, 0.0)
     lp, stats, ent = k.token_logprobs_fwd_rows(zs.clone(), y, 1.0, 0.0, True)
@@ -168,7 +168,8 @@ def test_float64_rows(k):
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want[name], rtol=1e-11, atol=1e-12)
     want = _rollout_torch(zs, zt, y, 1.3, 7.0)
-    for got, name in zip(k.rollout_statistics_rows(zs.clone(), zt.clone(), y, 1.3, 7.0), ("lq_y", "lp_y", "rkl")):
+    got_all = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, 1.3, 7.0, 1.3, 7.0)
+    for got, name in zip(got_all, ("lq_y", "lp_y", "rkl")):
         torch.testing.assert_close(got, want[name], rtol=1e-11, atol=1e-12)
 
 
@@ -177,9 +178,9 @@ def test_nan_stays_in_its_row(k):
     zs, zt = _logits(gen, 4, 600), _logits(gen, 4, 600)
     zs[2, 555] = float("nan")
     y = torch.randint(0, 600, (4,), generator=gen)
-    lq, _, rkl = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, 1.0, 0.0)
+    lq, _, rkl = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, 1.0, 0.0, 1.0, 0.0)
     lp, _, ent = k.token_logprobs_fwd_rows(zs.clone(), y, 1.0, 0.0, True)
-    tok, lq_s, _ = k.mixture_sample_rows(zs.clone(), zt.clone(), torch.tensor([3]), 0, 0.0, 1.0, 0.0)
+    tok, lq_s, _ = k.mixture_sample_rows(zs.clone(), zt.clone(), torch.tensor([3]), 0, 0.0, 1.0, 0.0, 1.0, 0.0)
     for x in (lq, rkl, lp, ent, lq_s):
         assert torch.isnan(x[2]) and torch.isfinite(x[[0, 1, 3]]).all()
     assert tok[2] == 0 and ((tok >= 0) & (tok < 600)).all()
@@ -216,7 +217,7 @@ def test_draw_is_the_inverse_cdf_of_the_row_uniforms(k, alpha, v):
     zs, zt = _logits(gen, 40, v, dtype=torch.float64), _logits(gen, 40, v, dtype=torch.float64)
     seed, offset, temperature, softcap = (1 << 40) + 12345, 1000, 0.8, 4.0
     tok, lq, lp = k.mixture_sample_rows(zs.clone(), zt.clone(), torch.tensor([seed]), offset, alpha, temperature,
-                                        softcap)
+                                        softcap, temperature, softcap)
     ls = torch.log_softmax(_scaled(zs, temperature, softcap), -1)
     lt = torch.log_softmax(_scaled(zt, temperature, softcap), -1)
     for r in range(40):
@@ -231,7 +232,7 @@ def test_draw_is_the_inverse_cdf_of_the_row_uniforms(k, alpha, v):
 def test_sampler_without_teacher_and_one_hot_rows(k):
     gen = _gen("single")
     z = _logits(gen, 9, 1031, std=1e4)
-    tok, lq, lp = k.mixture_sample_rows(z.clone(), None, torch.tensor([7]), 0, 0.0, 1.0, 0.0)
+    tok, lq, lp = k.mixture_sample_rows(z.clone(), None, torch.tensor([7]), 0, 0.0, 1.0, 0.0, 1.0, 0.0)
     assert torch.equal(tok, z.argmax(-1)) and lp.shape == (0,)
     assert (lq.abs() < 1e-6).all()
 
@@ -258,15 +259,16 @@ def test_rows_independent_of_thread_count(k):
     def run():
         lp, stats, ent = k.token_logprobs_fwd_rows(zs.clone(), y, 1.0, 10.0, True)
         g = _tlp_native_grad(k, zs, y, stats, ent, a, e, 1.0, 10.0)
-        rs = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, 1.0, 10.0)
-        smp = k.mixture_sample_rows(zs.clone(), zt.clone(), torch.tensor([99]), 5, 0.4, 1.0, 10.0)
+        rs = k.rollout_statistics_rows(zs.clone(), zt.clone(), y, 1.0, 10.0, 1.0, 10.0)
+        smp = k.mixture_sample_rows(zs.clone(), zt.clone(), torch.tensor([99]), 5, 0.4, 1.0, 10.0, 1.0, 10.0)
         return (lp, stats, ent, g, *rs, *smp)
 
     one, two = _with_threads(1, run), _with_threads(2, run)
     for i, (x, w) in enumerate(zip(one, two)):
         assert torch.equal(x, w), i
     # a row's results do not depend on the rows around it (the sampler's counter is the row offset)
-    part = k.mixture_sample_rows(zs[40:57].clone(), zt[40:57].clone(), torch.tensor([99]), 45, 0.4, 1.0, 10.0)
+    part = k.mixture_sample_rows(zs[40:57].clone(), zt[40:57].clone(), torch.tensor([99]), 45, 0.4, 1.0, 10.0, 1.0,
+                                 10.0)
     for x, w in zip(part, two[-3:]):
         assert torch.equal(x, w[40:57])
 
@@ -314,13 +316,15 @@ Y = lambda n: torch.zeros(n, dtype=torch.int64)  # noqa: E731
      "ent and g_ent must be given together"),
     (lambda k: k.token_logprobs_bwd_rows(Z(3, 8), Y(3), Z(3, 2), None, Z(3, dtype=torch.float64), None, 1.0, 0.0),
      "g_lp must be Float"),
-    (lambda k: k.rollout_statistics_rows(Z(3, 8), Z(3, 9), Y(3), 1.0, 0.0), "zt must have the shape of zs"),
-    (lambda k: k.rollout_statistics_rows(Z(3, 8), Z(3, 8, dtype=torch.float64), Y(3), 1.0, 0.0),
+    (lambda k: k.rollout_statistics_rows(Z(3, 8), Z(3, 9), Y(3), 1.0, 0.0, 1.0, 0.0), "zt must have the shape of zs"),
+    (lambda k: k.rollout_statistics_rows(Z(3, 8), Z(3, 8, dtype=torch.float64), Y(3), 1.0, 0.0, 1.0, 0.0),
      "zt must have the dtype of zs"),
-    (lambda k: k.mixture_sample_rows(Z(3, 8), None, torch.tensor([1.0]), 0, 0.2, 1.0, 0.0),
+    (lambda k: k.mixture_sample_rows(Z(3, 8), None, torch.tensor([1.0]), 0, 0.2, 1.0, 0.0, 1.0, 0.0),
      "seed must be a CPU int64 tensor of one element"),
-    (lambda k: k.mixture_sample_rows(Z(3, 8), None, torch.tensor([1]), -1, 0.2, 1.0, 0.0), "row_offset must be >= 0"),
-    (lambda k: k.mixture_sample_rows(Z(3, 8), None, torch.tensor([1]), 0, 1.5, 1.0, 0.0), r"alpha must be in \[0, 1\]"),
+    (lambda k: k.mixture_sample_rows(Z(3, 8), None, torch.tensor([1]), -1, 0.2, 1.0, 0.0, 1.0, 0.0),
+     "row_offset must be >= 0"),
+    (lambda k: k.mixture_sample_rows(Z(3, 8), None, torch.tensor([1]), 0, 1.5, 1.0, 0.0, 1.0, 0.0),
+     r"alpha must be in \[0, 1\]"),
     (lambda k: k.philox4x32_10([0, 0, 0], [0, 0]), "counter must have 4 words"),
 ], ids=["dtype", "1d", "strided-rows", "targets-shape", "targets-dtype", "temperature", "softcap", "stats-shape",
         "ent-alone", "g_lp-dtype", "zt-shape", "zt-dtype", "seed", "row-offset", "alpha", "philox-counter"])
@@ -332,13 +336,13 @@ def test_bad_inputs_name_the_argument(k, call, match):
 def test_same_buffer_refused(k):
     z = Z(3, 8)
     with pytest.raises(RuntimeError, match="zs and zt must be distinct buffers"):
-        k.rollout_statistics_rows(z, z, Y(3), 1.0, 0.0)
+        k.rollout_statistics_rows(z, z, Y(3), 1.0, 0.0, 1.0, 0.0)
 
 
 def test_empty_chunk(k):
     lp, stats, ent = k.token_logprobs_fwd_rows(Z(0, 8), Y(0), 1.0, 0.0, True)
     assert lp.shape == (0,) and stats.shape == (0, 2) and ent.shape == (0,)
-    tok, lq, lp = k.mixture_sample_rows(Z(0, 8), Z(0, 8), torch.tensor([1]), 0, 0.2, 1.0, 0.0)
+    tok, lq, lp = k.mixture_sample_rows(Z(0, 8), Z(0, 8), torch.tensor([1]), 0, 0.2, 1.0, 0.0, 1.0, 0.0)
     assert tok.shape == (0,) and tok.dtype == torch.int64 and lp.shape == (0,)
 
 

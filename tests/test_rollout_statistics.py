@@ -87,6 +87,8 @@ CASES = {
     "T0.05": ((37,), 131, dict(logit_std=1.0), dict(temperature=0.05)),
     "T20": ((37,), 131, {}, dict(temperature=20.0)),
     "softcap": ((37,), 131, dict(logit_std=10.0, bias=True), dict(softcap=5.0, temperature=0.7)),
+    "per-model-scaling": ((37,), 131, dict(logit_std=10.0, bias=True),
+                          dict(student_softcap=5.0, student_logit_scale=2.0, teacher_logit_scale=0.3)),
 }
 
 
@@ -189,5 +191,5 @@ def test_custom_op_opcheck(backend, gen):
     x = make_inputs(gen, n=6, hs=8, ht=12, v=20, bias=True)
     tokens = tokens_for(gen, (6,), 20)
     args = (x["student_hidden"], x["student_weight"], x["student_bias"], x["teacher_hidden"], x["teacher_weight"],
-            x["teacher_bias"], tokens, 0.2, 0.9, 3.0, 20, backend, 4)
+            x["teacher_bias"], tokens, 0.2, [1 / 0.9, 3.0, 0.5, 0.0], 20, backend, 4)
     torch.library.opcheck(torch.ops.minillm_fast.rollout_statistics.default, args)

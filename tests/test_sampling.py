@@ -109,6 +109,14 @@ def assert_mixture_logprobs_match(out: MixtureSample, x: dict, alpha: float, **l
                               student_bias=x["student_bias"], teacher_bias=x["teacher_bias"], **law)
 
 
+def test_mixture_chi_square_per_model_scaling(backend, rows):
+    """The law with each model's own logit scale and softcap (a Gemma-2-like teacher, a scaled student)."""
+    law = dict(LAW, student_logit_scale=0.7, teacher_softcap=2.0, teacher_logit_scale=1.5)
+    out = draw(repeated(rows), alpha=0.4, generator=seeded(11), backend=backend, **law)
+    p = chi2_pvalue(out.tokens, exact_probs(rows, alpha=0.4, **law))
+    assert p > P_MIN, f"draws do not fit the per-model law: chi-square p = {p:.2e}"
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
 def test_mixture_chi_square(backend, alpha, rows):
     x = repeated(rows)
@@ -222,11 +230,14 @@ def test_one_hot_rows_give_the_argmax(backend, gen):
         assert torch.isfinite(out.student_logprobs).all() and torch.isfinite(out.teacher_logprobs).all()
 
 
+@pytest.mark.parametrize("law", [dict(temperature=1.3, softcap=4.0),
+                                 dict(temperature=1.3, teacher_softcap=4.0, student_logit_scale=0.5,
+                                      teacher_logit_scale=3.0)], ids=["softcap", "per-model"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_logprobs_at_drawn_tokens(backend, dtype, gen):
-    """Awkward sizes (V not a multiple of a tile, leading dims, softcap), the log-probs at the drawn tokens."""
+def test_logprobs_at_drawn_tokens(backend, dtype, law, gen):
+    """Awkward sizes (V not a multiple of a tile, leading dims, softcap, each model's own logit scale and softcap),
+    the log-probs at the drawn tokens."""
     x = make_inputs(gen, lead=(5, 7), hs=24, ht=40, v=131, bias=True, dtype=dtype)
-    law = dict(temperature=1.3, softcap=4.0)
     out = draw(x, alpha=0.2, generator=seeded(1), backend=backend, **law)
     assert out.tokens.shape == (5, 7) and out.student_logprobs.dtype == torch.float32
     assert_mixture_logprobs_match(out, x, 0.2, **law)
@@ -284,7 +295,7 @@ def test_custom_op_opcheck(backend, gen):
     x = make_inputs(gen, n=6, hs=8, ht=12, v=20, bias=True)
     seed = torch.tensor([12345], device=DEVICE)
     args = (x["student_hidden"], x["student_weight"], x["student_bias"], x["teacher_hidden"], x["teacher_weight"],
-            x["teacher_bias"], seed, 0.2, 0.9, 3.0, 20, backend, 4)
+            x["teacher_bias"], seed, 0.2, [1 / 0.9, 3.0, 0.5, 0.0], 20, backend, 4)
     torch.library.opcheck(torch.ops.minillm_fast.mixture_sample.default, args)
-    single = (x["student_hidden"], x["student_weight"], None, None, None, None, seed, 0.0, 1.0, 0.0, 20, backend, 4)
+    single = (x["student_hidden"], x["student_weight"], None, None, None, None, seed, 0.0, [1.0, 0.0, 1.0, 0.0], 20, backend, 4)
     torch.library.opcheck(torch.ops.minillm_fast.mixture_sample.default, single)

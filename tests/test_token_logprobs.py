@@ -107,6 +107,8 @@ CASES = {
     "T0.05": ((37,), 24, 131, dict(logit_std=1.0), dict(temperature=0.05)),
     "T20": ((37,), 24, 131, {}, dict(temperature=20.0)),
     "softcap": ((37,), 24, 131, dict(logit_std=10.0, bias=True), dict(softcap=5.0, temperature=0.7)),
+    "logit-scale": ((37,), 24, 131, dict(logit_std=10.0, bias=True), dict(logit_scale=0.25, temperature=0.7)),
+    "logit-scale-softcap": ((37,), 24, 131, dict(logit_std=10.0, bias=True), dict(logit_scale=3.0, softcap=5.0)),
 }
 
 
@@ -271,11 +273,11 @@ def test_custom_ops_opcheck(backend, gen):
     """Schema, fake (meta) implementations and autograd registration of the forward and backward ops."""
     hidden, weight, bias = make(gen, (6,), 8, 20, bias=True)
     targets = torch.tensor([0, 3, -100, 19, 5, 5], device=DEVICE)
-    fwd_args = (hidden, weight, bias, targets, 0.7, 2.0, 20, -100, True, backend, 4)
+    fwd_args = (hidden, weight, bias, targets, 1 / 0.7, 2.0, 20, -100, True, backend, 4)  # inv_temp, softcap
     torch.library.opcheck(torch.ops.minillm_fast.token_logprobs_fwd.default, fwd_args)
     _, ent, stats = torch.ops.minillm_fast.token_logprobs_fwd(*fwd_args)
     g = randn(gen, 6)
-    bwd_args = (hidden, weight, bias, targets, stats, ent, g, g, 0.7, 2.0, 20, -100, backend, 4, [True, True, True])
+    bwd_args = (hidden, weight, bias, targets, stats, ent, g, g, 1 / 0.7, 2.0, 20, -100, backend, 4, [True, True, True])
     torch.library.opcheck(torch.ops.minillm_fast.token_logprobs_bwd.default, bwd_args)
 
 

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from .. import backends, chunked, divergences
-from ..checks import check_models, check_positive, check_reduction, check_rows, check_softcap
+from ..checks import check_models, check_positive, check_reduction, check_rows
 from ..chunked import DivergenceConfig
 from ..divergences import Divergence
+from ..scaling import Scaling, two_model_scalings
 
 STRATEGIES = ("auto", "chunked", "tiled")
 # Bytes of chunk temporaries the chunked strategy may hold (MINILLM_FAST_CHUNK_BYTES overrides).
@@ -46,8 +47,10 @@ def default_chunk_rows(n_rows: int, vocab: int, device: torch.device, backend: s
     return max(1, min(n_rows, budget // per_row))
 
 
-def _config(kind: int, weight: float, temperature: float, softcap: float, vocab_size: int) -> DivergenceConfig:
-    return DivergenceConfig(Divergence(kind, weight), temperature, softcap, vocab_size)
+def _config(kind: int, weight: float, scaling: list[float], vocab_size: int) -> DivergenceConfig:
+    """The config from the custom ops' flat arguments; ``scaling`` = [inv_temp_s, softcap_s, inv_temp_t, softcap_t]."""
+    it_s, cap_s, it_t, cap_t = scaling
+    return DivergenceConfig(Divergence(kind, weight), Scaling(it_s, cap_s), Scaling(it_t, cap_t), vocab_size)
 
 
 def _rows_fn(backend: str):
@@ -67,11 +70,11 @@ def _empty_if_none(grads, like: Tensor):
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("minillm_fast::fused_divergence_fwd", mutates_args=())
 def _fwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor, bt: Optional[Tensor],
-            row_scale: Tensor, kind: int, weight: float, temperature: float, softcap: float, vocab_size: int,
+            row_scale: Tensor, kind: int, weight: float, scaling: list[float], vocab_size: int,
             backend: str, strategy: str, chunk_size: int, grads: list[bool]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-row loss [N], stats [N, 6] and, where ``grads`` asks, the gradients of sum(row_scale * loss)."""
-    cfg = _config(kind, weight, temperature, softcap, vocab_size)
+    cfg = _config(kind, weight, scaling, vocab_size)
     needs = tuple(grads)
     if strategy == "tiled":
         k = backends.triton_kernels()
@@ -87,8 +90,7 @@ def _fwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor
 
 
 @_fwd_op.register_fake
-def _(hs, ws, bs, ht, wt, bt, row_scale, kind, weight, temperature, softcap, vocab_size, backend, strategy,
-      chunk_size, grads):
+def _(hs, ws, bs, ht, wt, bt, row_scale, kind, weight, scaling, vocab_size, backend, strategy, chunk_size, grads):
     f = torch.float64 if hs.dtype == torch.float64 else torch.float32
     n = hs.shape[0]
     return (hs.new_empty(n, dtype=f), hs.new_empty(n, 6, dtype=f), *_fake_grads(hs, ws, bs, ht, wt, bt, grads))
@@ -102,11 +104,11 @@ def _fake_grads(hs, ws, bs, ht, wt, bt, grads):
 
 @torch.library.custom_op("minillm_fast::fused_divergence_bwd", mutates_args=())
 def _bwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor, bt: Optional[Tensor],
-            stats: Tensor, row_grad: Tensor, kind: int, weight: float, temperature: float, softcap: float,
-            vocab_size: int, backend: str, strategy: str, chunk_size: int, grads: list[bool]
+            stats: Tensor, row_grad: Tensor, kind: int, weight: float, scaling: list[float], vocab_size: int,
+            backend: str, strategy: str, chunk_size: int, grads: list[bool]
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of sum(row_grad * loss) with respect to the six inputs that ``grads`` names (empty elsewhere)."""
-    cfg = _config(kind, weight, temperature, softcap, vocab_size)
+    cfg = _config(kind, weight, scaling, vocab_size)
     needs = tuple(grads)
     if strategy == "tiled":
         g = backends.triton_kernels().fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_grad,
@@ -118,8 +120,8 @@ def _bwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor
 
 
 @_bwd_op.register_fake
-def _(hs, ws, bs, ht, wt, bt, stats, row_grad, kind, weight, temperature, softcap, vocab_size, backend, strategy,
-      chunk_size, grads):
+def _(hs, ws, bs, ht, wt, bt, stats, row_grad, kind, weight, scaling, vocab_size, backend, strategy, chunk_size,
+      grads):
     return _fake_grads(hs, ws, bs, ht, wt, bt, grads)
 
 
@@ -131,13 +133,13 @@ class _FusedDivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, row_scale, reduce: bool, params: tuple):
-        kind, weight, temperature, softcap, vocab_size, backend, strategy, chunk_size = params
+        kind, weight, scaling, vocab_size, backend, strategy, chunk_size = params
         needs = tuple(bool(x) for x in ctx.needs_input_grad[:6])
         # With a scalar output the upstream gradient is one number: make the gradients now, in the same sweep as
         # the loss, and only scale them in backward (4 matmuls instead of 6).
         precompute = reduce and strategy == "chunked" and any(needs)
         loss, stats, *g = torch.ops.minillm_fast.fused_divergence_fwd(
-            hs, ws, bs, ht, wt, bt, row_scale, kind, weight, temperature, softcap, vocab_size, backend, strategy,
+            hs, ws, bs, ht, wt, bt, row_scale, kind, weight, scaling, vocab_size, backend, strategy,
             chunk_size, list(needs) if precompute else [False] * 6)
         per_row = torch.where(row_scale != 0, loss * row_scale.to(loss.dtype), torch.zeros_like(loss))
         ctx.precomputed, ctx.needs, ctx.reduce, ctx.params = precompute, needs, reduce, params
@@ -155,10 +157,10 @@ class _FusedDivergenceFunction(torch.autograd.Function):
             grads = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors)
         else:
             hs, ws, bs, ht, wt, bt, stats, row_scale = ctx.saved_tensors
-            kind, weight, temperature, softcap, vocab_size, backend, strategy, chunk_size = ctx.params
+            kind, weight, scaling, vocab_size, backend, strategy, chunk_size = ctx.params
             row_grad = row_scale * grad_out
             g = torch.ops.minillm_fast.fused_divergence_bwd(
-                hs, ws, bs, ht, wt, bt, stats, row_grad, kind, weight, temperature, softcap, vocab_size, backend,
+                hs, ws, bs, ht, wt, bt, stats, row_grad, kind, weight, scaling, vocab_size, backend,
                 strategy, chunk_size, list(ctx.needs))
             grads = tuple(x if need else None for x, need in zip(g, ctx.needs))
         return (*grads, None, None, None)
@@ -193,13 +195,16 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hid
                      mask: Optional[Tensor] = None, token_weights: Optional[Tensor] = None,
                      temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1, reduction: str = "mean",
                      student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
-                     vocab_size: Optional[int] = None, softcap: Optional[float] = None, backend: str = "auto",
+                     vocab_size: Optional[int] = None, softcap: Optional[float] = None,
+                     logit_scale: Optional[float] = None, student_softcap: Optional[float] = None,
+                     teacher_softcap: Optional[float] = None, student_logit_scale: Optional[float] = None,
+                     teacher_logit_scale: Optional[float] = None, backend: str = "auto",
                      strategy: str = "auto", chunk_size: Optional[int] = None) -> Tensor:
     """Divergence between a student's and a teacher's next-token distributions, from hidden states and lm_head
     weights, without materialising the ``[N, V]`` logits.
 
-    Per token, with ``q = softmax(softcap(h_s W_s^T + b_s) / T)`` (student) and ``p = softmax(softcap(h_t W_t^T +
-    b_t) / T)`` (teacher), the loss is ``L = sum_v phi(p_v, q_v)`` for the chosen divergence
+    Per token, with ``q = softmax(softcap_s(a_s (h_s W_s^T + b_s)) / T)`` (student) and ``p = softmax(softcap_t(a_t
+    (h_t W_t^T + b_t)) / T)`` (teacher), ``a`` each model's logit scale, the loss is ``L = sum_v phi(p_v, q_v)`` for the chosen divergence
     (minillm_fast/divergences.py has the table): ``reverse_kl`` = KL(q || p) (MiniLLM), ``forward_kl`` =
     KL(p || q), ``jsd`` (``beta`` weights the teacher in the mixture; beta=0 / 1 give forward / reverse KL as in
     Liger-Kernel), ``tvd``, ``skew_forward_kl`` = KL(p || skew p + (1-skew) q) and ``skew_reverse_kl`` =
@@ -226,7 +231,11 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hid
         student_bias, teacher_bias: ``[V]`` lm_head biases or None.
         vocab_size: real vocabulary when heads are padded: rows ``>= vocab_size`` are excluded from both softmaxes.
             Heads with different row counts need it.
-        softcap: Gemma-style ``softcap * tanh(z / softcap)`` on both models' logits, before the temperature.
+        softcap: Gemma-style ``softcap * tanh(x / softcap)`` on both models' logits, after the logit scale and before
+            the temperature; ``student_softcap`` / ``teacher_softcap`` give each model its own (not with
+            ``softcap``).
+        logit_scale: a multiplier on both models' raw logits, applied first (Cohere's ``logit_scale``, Granite's
+            ``1 / logits_scaling``); ``student_logit_scale`` / ``teacher_logit_scale`` per model. > 0.
         backend: ``auto`` | ``triton`` | ``torch`` | ``native`` (see minillm_fast/backends.py).
         strategy: ``chunked`` (token chunks with the full vocabulary; gradients made in the forward when the output
             is a scalar: the 4-matmul floor), ``tiled`` (vocabulary tiles, O(N) memory, triton only; backward
@@ -241,7 +250,8 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     (hs, ws, bs, ht, wt, bt), vocab, lead = check_models(student_hidden, student_weight, teacher_hidden,
                                                          teacher_weight, student_bias, teacher_bias, vocab_size)
     temperature = check_positive("temperature", temperature)
-    cap = check_softcap(softcap)
+    student, teacher = two_model_scalings(temperature, softcap, logit_scale, student_softcap, teacher_softcap,
+                                          student_logit_scale, teacher_logit_scale)
     reduction = check_reduction(reduction)
     scale = row_scale(lead, hs.device, labels=labels, ignore_index=ignore_index, mask=mask,
                       token_weights=token_weights, reduction=reduction,
@@ -260,7 +270,8 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hid
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
 
-    params = (div.kind, div.weight, temperature, cap, vocab, name, strategy, chunk_size)
+    params = (div.kind, div.weight, [student.inv_temp, student.softcap, teacher.inv_temp, teacher.softcap], vocab,
+              name, strategy, chunk_size)
     out = _FusedDivergenceFunction.apply(hs, ws, bs, ht, wt, bt, scale, reduction != "none", params)
     return out if reduction != "none" else out.reshape(lead)
 

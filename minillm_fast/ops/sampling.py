@@ -28,11 +28,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..checks import (check_bias, check_hidden, check_models, check_positive, check_rows, check_softcap, check_weight,
-                      resolve_vocab)
+from ..checks import check_bias, check_hidden, check_models, check_positive, check_rows, check_weight, resolve_vocab
 from ..divergences import _check_unit, _log_mix
 from .. import native
 from ..chunked import ChunkLogits
+from ..scaling import Scaling, checked, two_model_scalings
 from .token_logprobs import (check_token_range, chunk_rows, out_dtype, resolve_backend, scaled_logits,
                              triton_module)
 
@@ -78,42 +78,42 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def _torch_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, temperature, softcap, vocab_size, chunk_size):
+def _torch_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, student, teacher, vocab_size, chunk_size):
     n, f = hs.shape[0], out_dtype(hs)
     lq_y, lp_y, rkl = (torch.empty(n, dtype=f, device=hs.device) for _ in range(3))
     y = tokens.long().unsqueeze(1)
     for rows in _chunks(n, chunk_size):
-        lq = torch.log_softmax(scaled_logits(hs[rows], ws, bs, vocab_size, temperature, softcap)[0], -1)
-        lp = torch.log_softmax(scaled_logits(ht[rows], wt, bt, vocab_size, temperature, softcap)[0], -1)
+        lq = torch.log_softmax(scaled_logits(hs[rows], ws, bs, vocab_size, student)[0], -1)
+        lp = torch.log_softmax(scaled_logits(ht[rows], wt, bt, vocab_size, teacher)[0], -1)
         lq_y[rows] = lq.gather(1, y[rows]).squeeze(1)
         lp_y[rows] = lp.gather(1, y[rows]).squeeze(1)
         rkl[rows] = (lq.exp() * (lq - lp)).sum(-1)
     return lq_y, lp_y, rkl
 
 
-def _torch_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, temperature, softcap, vocab_size, chunk_size):
+def _torch_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, vocab_size, chunk_size):
     """Component coin per row, then Gumbel-max over the chosen model's chunk logits (noise from a generator seeded
     with ``seed``)."""
     n, f = hs.shape[0], out_dtype(hs)
-    teacher = ht is not None
+    has_teacher = ht is not None
     gen = torch.Generator(device=hs.device)
     gen.manual_seed(int(seed.item()))
     # The coins are drawn with or without a teacher, so that alpha = 0 draws what sample_tokens draws (as on triton).
     use_t = torch.rand(n, generator=gen, device=hs.device) < alpha
     tokens = torch.empty(n, dtype=torch.int64, device=hs.device)
     lq_y = torch.empty(n, dtype=f, device=hs.device)
-    lp_y = torch.empty(n, dtype=f, device=hs.device) if teacher else None
+    lp_y = torch.empty(n, dtype=f, device=hs.device) if has_teacher else None
     for rows in _chunks(n, chunk_size):
-        s = scaled_logits(hs[rows], ws, bs, vocab_size, temperature, softcap)[0]
+        s = scaled_logits(hs[rows], ws, bs, vocab_size, student)[0]
         x = s
-        if teacher:
-            t = scaled_logits(ht[rows], wt, bt, vocab_size, temperature, softcap)[0]
+        if has_teacher:
+            t = scaled_logits(ht[rows], wt, bt, vocab_size, teacher)[0]
             x = torch.where(use_t[rows].unsqueeze(1), t, s)
         u = torch.rand(x.shape, generator=gen, device=hs.device, dtype=x.dtype)
         y = (x - torch.log(-torch.log(u))).argmax(-1, keepdim=True)  # u = 0 gives -inf: never chosen
         tokens[rows] = y.squeeze(1)
         lq_y[rows] = torch.log_softmax(s, -1).gather(1, y).squeeze(1)
-        if teacher:
+        if has_teacher:
             lp_y[rows] = torch.log_softmax(t, -1).gather(1, y).squeeze(1)
     return tokens, lq_y, lp_y
 
@@ -121,20 +121,20 @@ def _torch_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, temperature, softcap, 
 # ----------------------------------------------------------------------------------------------------------------------
 # native backend (token chunks; the row work of a chunk in C++)
 # ----------------------------------------------------------------------------------------------------------------------
-def _native_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, temperature, softcap, vocab_size, chunk_size):
+def _native_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, student, teacher, vocab_size, chunk_size):
     kernels = native.ops()
     n, f = hs.shape[0], out_dtype(hs)
     lq_y, lp_y, rkl = (torch.empty(n, dtype=f, device=hs.device) for _ in range(3))
     y = tokens.long()
     rows_max = min(chunk_size, n)
-    student, teacher = ChunkLogits(ws, bs, vocab_size, rows_max, f), ChunkLogits(wt, bt, vocab_size, rows_max, f)
+    zs, zt = ChunkLogits(ws, bs, vocab_size, rows_max, f), ChunkLogits(wt, bt, vocab_size, rows_max, f)
     for rows in _chunks(n, chunk_size):
-        lq_y[rows], lp_y[rows], rkl[rows] = kernels.rollout_statistics_rows(student(hs[rows]), teacher(ht[rows]),
-                                                                            y[rows], temperature, softcap)
+        lq_y[rows], lp_y[rows], rkl[rows] = kernels.rollout_statistics_rows(
+            zs(hs[rows]), zt(ht[rows]), y[rows], *_native_scaling(student, teacher))
     return lq_y, lp_y, rkl
 
 
-def _native_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, temperature, softcap, vocab_size, chunk_size):
+def _native_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, vocab_size, chunk_size):
     """Component coin and inverse-CDF draw per row (csrc/sampling_cpu.cpp), uniforms from Philox4x32-10 keyed by
     ``seed`` with the global row index as counter."""
     kernels = native.ops()
@@ -144,12 +144,11 @@ def _native_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, temperature, softcap,
     lq_y = torch.empty(n, dtype=f, device=hs.device)
     lp_y = torch.empty(n, dtype=f, device=hs.device) if has_teacher else None
     rows_max = min(chunk_size, n)
-    student = ChunkLogits(ws, bs, vocab_size, rows_max, f)
-    teacher = ChunkLogits(wt, bt, vocab_size, rows_max, f) if has_teacher else None
+    zs = ChunkLogits(ws, bs, vocab_size, rows_max, f)
+    zt = ChunkLogits(wt, bt, vocab_size, rows_max, f) if has_teacher else None
     for rows in _chunks(n, chunk_size):
-        zt = teacher(ht[rows]) if has_teacher else None
-        tok, lq, lp = kernels.mixture_sample_rows(student(hs[rows]), zt, seed, rows.start, alpha, temperature,
-                                                  softcap)
+        tok, lq, lp = kernels.mixture_sample_rows(zs(hs[rows]), zt(ht[rows]) if has_teacher else None, seed,
+                                                  rows.start, alpha, *_native_scaling(student, teacher))
         tokens[rows] = tok
         lq_y[rows] = lq
         if has_teacher:
@@ -157,9 +156,18 @@ def _native_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, temperature, softcap,
     return tokens, lq_y, lp_y
 
 
-def _triton_scaling(temperature: float, softcap: float, vocab_size: int) -> dict:
-    """The two-model Triton launchers' per-model ``inv_temp`` and ``softcap`` pairs."""
-    return dict(inv_temp=(1.0 / temperature,) * 2, softcap=(softcap,) * 2, vocab_size=vocab_size)
+def _native_scaling(student: Scaling, teacher: Scaling) -> tuple:
+    """The native two-model row kernels' ``temperature_s, softcap_s, temperature_t, softcap_t``."""
+    return student.temperature, student.softcap, teacher.temperature, teacher.softcap
+
+
+def _backend_opts(scaling: list[float], vocab_size: int, backend: str) -> dict:
+    """The keywords of the chosen backend's function, from the custom ops' ``scaling`` = [inv_temp_s, softcap_s,
+    inv_temp_t, softcap_t]."""
+    it_s, cap_s, it_t, cap_t = scaling
+    if backend == "triton":
+        return dict(inv_temp=(it_s, it_t), softcap=(cap_s, cap_t), vocab_size=vocab_size)
+    return dict(student=Scaling(it_s, cap_s), teacher=Scaling(it_t, cap_t), vocab_size=vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -167,13 +175,12 @@ def _triton_scaling(temperature: float, softcap: float, vocab_size: int) -> dict
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("minillm_fast::rollout_statistics", mutates_args=())
 def _rollout_statistics_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor, bt: Optional[Tensor],
-                           tokens: Tensor, alpha: float, temperature: float, softcap: float, vocab_size: int,
+                           tokens: Tensor, alpha: float, scaling: list[float], vocab_size: int,
                            backend: str, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``[N]`` log q(y), log p(y), log m(y), q(y) / m(y), KL(q || p)."""
-    opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size)
+    opts = _backend_opts(scaling, vocab_size, backend)
     if backend == "triton":
-        lq, lp, rkl = triton_module("sampling").rollout_statistics(hs, ws, bs, ht, wt, bt, tokens,
-                                                                   **_triton_scaling(temperature, softcap, vocab_size))
+        lq, lp, rkl = triton_module("sampling").rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, **opts)
     elif backend == "native":
         lq, lp, rkl = _native_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, chunk_size=chunk_size, **opts)
     else:
@@ -183,21 +190,20 @@ def _rollout_statistics_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Ten
 
 
 @_rollout_statistics_op.register_fake
-def _(hs, ws, bs, ht, wt, bt, tokens, alpha, temperature, softcap, vocab_size, backend, chunk_size):
+def _(hs, ws, bs, ht, wt, bt, tokens, alpha, scaling, vocab_size, backend, chunk_size):
     n, f = hs.shape[0], out_dtype(hs)
     return tuple(hs.new_empty(n, dtype=f) for _ in range(5))
 
 
 @torch.library.custom_op("minillm_fast::mixture_sample", mutates_args=())
 def _sample_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Optional[Tensor], wt: Optional[Tensor],
-               bt: Optional[Tensor], seed: Tensor, alpha: float, temperature: float, softcap: float, vocab_size: int,
+               bt: Optional[Tensor], seed: Tensor, alpha: float, scaling: list[float], vocab_size: int,
                backend: str, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tokens [N]`` int64 drawn from ``alpha p + (1 - alpha) q`` (q alone when ht is None), log q(y), log p(y) and
     log m(y) (the last two empty without a teacher). ``seed``: [1] int64 on the device."""
-    opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size)
+    opts = _backend_opts(scaling, vocab_size, backend)
     if backend == "triton":
-        tokens, lq, lp = triton_module("sampling").sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha,
-                                                          **_triton_scaling(temperature, softcap, vocab_size))
+        tokens, lq, lp = triton_module("sampling").sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, **opts)
     elif backend == "native":
         tokens, lq, lp = _native_sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, chunk_size=chunk_size, **opts)
     else:
@@ -208,7 +214,7 @@ def _sample_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Optional[Tensor
 
 
 @_sample_op.register_fake
-def _(hs, ws, bs, ht, wt, bt, seed, alpha, temperature, softcap, vocab_size, backend, chunk_size):
+def _(hs, ws, bs, ht, wt, bt, seed, alpha, scaling, vocab_size, backend, chunk_size):
     n, f = hs.shape[0], out_dtype(hs)
     m = n if ht is not None else 0
     return (hs.new_empty(n, dtype=torch.int64), hs.new_empty(n, dtype=f), hs.new_empty(m, dtype=f),
@@ -234,6 +240,11 @@ def _draw_seed(generator: Optional[torch.Generator], device: torch.device) -> Te
     return seed.to(device)
 
 
+def _scaling_list(student: Scaling, teacher: Scaling) -> list[float]:
+    """The custom ops' flat ``scaling`` argument."""
+    return [student.inv_temp, student.softcap, teacher.inv_temp, teacher.softcap]
+
+
 def _check_alpha(alpha) -> float:
     _check_unit("alpha", alpha)
     return float(alpha)
@@ -242,12 +253,15 @@ def _check_alpha(alpha) -> float:
 def rollout_statistics(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
                        tokens: Tensor, *, alpha: float = 0.2, temperature: float = 1.0,
                        student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
-                       vocab_size: Optional[int] = None, softcap: Optional[float] = None, backend: str = "auto",
+                       vocab_size: Optional[int] = None, softcap: Optional[float] = None,
+                       logit_scale: Optional[float] = None, student_softcap: Optional[float] = None,
+                       teacher_softcap: Optional[float] = None, student_logit_scale: Optional[float] = None,
+                       teacher_logit_scale: Optional[float] = None, backend: str = "auto",
                        chunk_size: Optional[int] = None) -> RolloutStatistics:
     """MiniLLM's per-token rollout statistics for given tokens, in one pass over both models' vocabulary (each
     logits tile computed once), without materialising ``[N, V]`` logits. No gradients.
 
-    With ``q = softmax(softcap(h_s W_s^T + b_s) / T)`` (student), ``p`` likewise (teacher) and the rollout mixture
+    With ``q = softmax(softcap_s(a_s (h_s W_s^T + b_s)) / T)`` (student), ``p`` likewise (teacher) and the rollout mixture
     ``m = alpha p + (1 - alpha) q``, equals up to rounding::
 
         lq, lp = log_softmax(s, -1), log_softmax(t, -1)                     # s, t: the scaled fp32 logits
@@ -264,8 +278,8 @@ def rollout_statistics(student_hidden: Tensor, student_weight: Tensor, teacher_h
         tokens: ``[...]`` int token ids in ``[0, vocab_size)`` (checked: one host sync, skipped under
             ``torch.compile``).
         alpha: teacher weight of the mixture, in [0, 1].
-        temperature, student_bias, teacher_bias, vocab_size, softcap, backend, chunk_size: as in
-            :func:`minillm_fast.fused_divergence`.
+        temperature, student_bias, teacher_bias, vocab_size, softcap, logit_scale (and their student_ /
+            teacher_ forms), backend, chunk_size: as in :func:`minillm_fast.fused_divergence`.
 
     Returns:
         :class:`RolloutStatistics` of ``[...]`` float32 tensors (float64 for float64 inputs), detached.
@@ -274,7 +288,8 @@ def rollout_statistics(student_hidden: Tensor, student_weight: Tensor, teacher_h
                                                           teacher_weight, student_bias, teacher_bias, vocab_size)
     alpha = _check_alpha(alpha)
     temperature = check_positive("temperature", temperature)
-    cap = check_softcap(softcap)
+    scaling = _scaling_list(*two_model_scalings(temperature, softcap, logit_scale, student_softcap, teacher_softcap,
+                                                student_logit_scale, teacher_logit_scale))
     if tokens is None:
         raise TypeError(f"tokens must be a torch.Tensor of token ids with shape {tuple(lead)}, got None")
     y = check_rows("tokens", tokens, lead, hs.device, kind="int")
@@ -282,15 +297,18 @@ def rollout_statistics(student_hidden: Tensor, student_weight: Tensor, teacher_h
     name = resolve_backend(backend, hs.device, "rollout_statistics")
     chunk = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name, hs.dtype)
     with torch.no_grad():
-        out = torch.ops.minillm_fast.rollout_statistics(*_detach(hs, ws, bs, ht, wt, bt), y, alpha, temperature, cap,
-                                                        vocab, name, chunk)
+        out = torch.ops.minillm_fast.rollout_statistics(*_detach(hs, ws, bs, ht, wt, bt), y, alpha, scaling, vocab,
+                                                        name, chunk)
     return RolloutStatistics(*(x.reshape(lead) for x in out))
 
 
 def mixture_sample(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor, *,
                    alpha: float = 0.2, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
                    vocab_size: Optional[int] = None, student_bias: Optional[Tensor] = None,
-                   teacher_bias: Optional[Tensor] = None, softcap: Optional[float] = None, backend: str = "auto",
+                   teacher_bias: Optional[Tensor] = None, softcap: Optional[float] = None,
+                   logit_scale: Optional[float] = None, student_softcap: Optional[float] = None,
+                   teacher_softcap: Optional[float] = None, student_logit_scale: Optional[float] = None,
+                   teacher_logit_scale: Optional[float] = None, backend: str = "auto",
                    chunk_size: Optional[int] = None) -> MixtureSample:
     """Draw one token per row from MiniLLM's rollout mixture ``alpha p + (1 - alpha) q`` (teacher p weighted by
     alpha, student q), exactly and in one pass over the vocabulary, without materialising ``[N, V]`` logits.
@@ -305,7 +323,8 @@ def mixture_sample(student_hidden: Tensor, student_weight: Tensor, teacher_hidde
 
     Args:
         student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias, vocab_size,
-            softcap, temperature, backend, chunk_size: as in :func:`rollout_statistics`.
+            softcap, logit_scale (and their student_ / teacher_ forms), temperature, backend, chunk_size: as in
+            :func:`rollout_statistics`.
         alpha: teacher weight of the mixture, in [0, 1] (MiniLLM: 0.2).
         generator: a ``torch.Generator`` (on any device) from which one 64-bit seed is drawn per call; None uses
             the default generator of the hidden states' device. The same generator state gives the same tokens on
@@ -320,22 +339,24 @@ def mixture_sample(student_hidden: Tensor, student_weight: Tensor, teacher_hidde
                                                           teacher_weight, student_bias, teacher_bias, vocab_size)
     alpha = _check_alpha(alpha)
     temperature = check_positive("temperature", temperature)
-    cap = check_softcap(softcap)
+    scaling = _scaling_list(*two_model_scalings(temperature, softcap, logit_scale, student_softcap, teacher_softcap,
+                                                student_logit_scale, teacher_logit_scale))
     _check_generator(generator)
     name = resolve_backend(backend, hs.device, "mixture_sample")
     chunk = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name, hs.dtype)
     seed = _draw_seed(generator, hs.device)
     with torch.no_grad():
-        out = torch.ops.minillm_fast.mixture_sample(*_detach(hs, ws, bs, ht, wt, bt), seed, alpha, temperature, cap,
-                                                    vocab, name, chunk)
+        out = torch.ops.minillm_fast.mixture_sample(*_detach(hs, ws, bs, ht, wt, bt), seed, alpha, scaling, vocab,
+                                                    name, chunk)
     return MixtureSample(*(x.reshape(lead) for x in out))
 
 
 def sample_tokens(hidden: Tensor, weight: Tensor, *, temperature: float = 1.0,
                   generator: Optional[torch.Generator] = None, bias: Optional[Tensor] = None,
-                  vocab_size: Optional[int] = None, softcap: Optional[float] = None, backend: str = "auto",
+                  vocab_size: Optional[int] = None, softcap: Optional[float] = None,
+                  logit_scale: Optional[float] = None, backend: str = "auto",
                   chunk_size: Optional[int] = None) -> TokenSample:
-    """Draw one token per row from ``softmax(softcap(h W^T + b) / T)`` (Gumbel-max over the vocabulary tiles; inverse
+    """Draw one token per row from ``softmax(softcap(logit_scale (h W^T + b)) / T)`` (Gumbel-max over the vocabulary tiles; inverse
     CDF on native), without materialising ``[N, V]`` logits (:func:`mixture_sample` with one model). In distribution
     the same as ``torch.multinomial(softmax(logits / T), 1)``.
 
@@ -349,8 +370,7 @@ def sample_tokens(hidden: Tensor, weight: Tensor, *, temperature: float = 1.0,
     h = check_hidden("hidden", hidden)
     w = check_weight("weight", weight, h, "hidden")
     b = check_bias("bias", bias, w, "weight")
-    temperature = check_positive("temperature", temperature)
-    cap = check_softcap(softcap)
+    scaling = checked(temperature, softcap, logit_scale)
     vocab = resolve_vocab(vocab_size, ("weight", w))
     lead = hidden.shape[:-1]
     _check_generator(generator)
@@ -359,5 +379,5 @@ def sample_tokens(hidden: Tensor, weight: Tensor, *, temperature: float = 1.0,
     seed = _draw_seed(generator, h.device)
     with torch.no_grad():
         tokens, lq, _, _ = torch.ops.minillm_fast.mixture_sample(*_detach(h, w, b), None, None, None, seed, 0.0,
-                                                                 temperature, cap, vocab, name, chunk)
+                                                                 _scaling_list(scaling, scaling), vocab, name, chunk)
     return TokenSample(tokens.reshape(lead), lq.reshape(lead))

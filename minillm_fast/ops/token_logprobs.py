@@ -22,8 +22,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import backends, native
-from ..checks import check_bias, check_hidden, check_positive, check_rows, check_softcap, check_weight, resolve_vocab
+from ..checks import check_bias, check_hidden, check_rows, check_weight, resolve_vocab
 from ..chunked import ChunkLogits, _chunk_logits, _HeadGrads
+from ..scaling import Scaling, checked
 from .fused_divergence import default_chunk_rows
 
 
@@ -70,15 +71,10 @@ def out_dtype(h: Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def scaled_logits(h: Tensor, w: Tensor, b: Optional[Tensor], vocab_size: int, temperature: float, softcap: float):
-    """``[C, V]`` ``softcap(h W[:V]^T + b[:V]) / T`` in fp32 (fp64 for fp64 inputs), and the softcap's tanh (None
-    without a softcap; its derivative is ``1 - tanh^2``)."""
-    z = _chunk_logits(h, w[:vocab_size], None if b is None else b[:vocab_size])
-    cap = None
-    if softcap:
-        cap = torch.tanh(z / softcap)
-        z = cap * softcap
-    return z.div_(temperature), cap
+def scaled_logits(h: Tensor, w: Tensor, b: Optional[Tensor], vocab_size: int, scaling: Scaling):
+    """``[C, V]`` logits ``softcap(a (h W[:V]^T + b[:V])) / T`` of the model's ``scaling`` in fp32 (fp64 for fp64
+    inputs), and the softcap's tanh (None without a softcap; the derivative is ``inv_temp (1 - tanh^2)``)."""
+    return scaling.apply(_chunk_logits(h, w[:vocab_size], None if b is None else b[:vocab_size]))
 
 
 def chunk_rows(chunk_size, n: int, vocab: int, device: torch.device, backend: str,
@@ -121,14 +117,14 @@ def _chunks(n: int, size: int):
 # ----------------------------------------------------------------------------------------------------------------------
 # torch backend (token chunks, memory O(chunk x V))
 # ----------------------------------------------------------------------------------------------------------------------
-def _torch_fwd(h, w, b, y, *, temperature, softcap, vocab_size, entropy, chunk_size):
+def _torch_fwd(h, w, b, y, *, scaling, vocab_size, entropy, chunk_size):
     n, f = h.shape[0], out_dtype(h)
     logprob = torch.empty(n, dtype=f, device=h.device)
     stats = torch.empty(n, 2, dtype=f, device=h.device)  # row max M, log sum e^(s - M)
     ent = torch.empty(n, dtype=f, device=h.device) if entropy else None
     y = y.clamp(0, vocab_size - 1).unsqueeze(1)  # ignored rows pick any entry; the caller zeroes them
     for rows in _chunks(n, chunk_size):
-        s, _ = scaled_logits(h[rows], w, b, vocab_size, temperature, softcap)
+        s, _ = scaled_logits(h[rows], w, b, vocab_size, scaling)
         big = s.amax(-1, keepdim=True)
         s.sub_(big)  # shifted first, as log_softmax does: s - lse would round at lse's magnitude
         log_l = torch.logsumexp(s, -1, keepdim=True)
@@ -140,18 +136,18 @@ def _torch_fwd(h, w, b, y, *, temperature, softcap, vocab_size, entropy, chunk_s
     return logprob, stats, ent
 
 
-def _torch_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature, softcap, vocab_size, needs, chunk_size):
+def _torch_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, scaling, vocab_size, needs, chunk_size):
     heads = _HeadGrads(h, w, b, needs, vocab_size)
     y = y.clamp(0, vocab_size - 1).unsqueeze(1)
     for rows in _chunks(h.shape[0], chunk_size):
-        s, cap = scaled_logits(h[rows], w, b, vocab_size, temperature, softcap)
+        s, cap = scaled_logits(h[rows], w, b, vocab_size, scaling)
         lq = s.sub_(stats[rows, :1]).sub_(stats[rows, 1:])
         q = lq.exp()
         a = g_lp[rows].unsqueeze(1).to(q.dtype)
         g = (q * -a).scatter_add_(1, y[rows], a)  # a (onehot(y) - q)
         if g_ent is not None:  # - e q (lq + H)
             g -= q.mul_(lq.add_(ent[rows].unsqueeze(1))).mul_(g_ent[rows].unsqueeze(1).to(q.dtype))
-        g.div_(temperature)
+        g.mul_(scaling.inv_temp)
         if cap is not None:
             g.mul_(1 - cap * cap)
         heads.add(rows, g)
@@ -161,7 +157,7 @@ def _torch_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature, softcap, voc
 # ----------------------------------------------------------------------------------------------------------------------
 # native backend (token chunks; the row work of a chunk in C++, csrc/token_stats_cpu.cpp)
 # ----------------------------------------------------------------------------------------------------------------------
-def _native_fwd(h, w, b, y, *, temperature, softcap, vocab_size, entropy, chunk_size):
+def _native_fwd(h, w, b, y, *, scaling, vocab_size, entropy, chunk_size):
     kernels = native.ops()
     n, f = h.shape[0], out_dtype(h)
     logprob = torch.empty(n, dtype=f, device=h.device)
@@ -170,7 +166,8 @@ def _native_fwd(h, w, b, y, *, temperature, softcap, vocab_size, entropy, chunk_
     y = y.long()
     logits = ChunkLogits(w, b, vocab_size, min(chunk_size, n), f)
     for rows in _chunks(n, chunk_size):
-        lp_c, st_c, ent_c = kernels.token_logprobs_fwd_rows(logits(h[rows]), y[rows], temperature, softcap, entropy)
+        lp_c, st_c, ent_c = kernels.token_logprobs_fwd_rows(logits(h[rows]), y[rows], scaling.temperature,
+                                                            scaling.softcap, entropy)
         logprob[rows] = lp_c
         stats[rows] = st_c
         if entropy:
@@ -178,7 +175,7 @@ def _native_fwd(h, w, b, y, *, temperature, softcap, vocab_size, entropy, chunk_
     return logprob, stats, ent
 
 
-def _native_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature, softcap, vocab_size, needs, chunk_size):
+def _native_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, scaling, vocab_size, needs, chunk_size):
     kernels = native.ops()
     n, f = h.shape[0], out_dtype(h)
     heads = _HeadGrads(h, w, b, needs, vocab_size)
@@ -189,7 +186,7 @@ def _native_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature, softcap, vo
     for rows in _chunks(n, chunk_size):
         g = logits(h[rows])  # overwritten with dL/dz
         kernels.token_logprobs_bwd_rows(g, y[rows], stats[rows], None if g_ent is None else ent[rows], g_lp[rows],
-                                        None if g_ent is None else g_ent[rows], temperature, softcap)
+                                        None if g_ent is None else g_ent[rows], scaling.temperature, scaling.softcap)
         heads.add(rows, g)
     return heads.result()
 
@@ -198,15 +195,15 @@ def _native_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, temperature, softcap, vo
 # torch.library ops
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("minillm_fast::token_logprobs_fwd", mutates_args=())
-def _fwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, temperature: float, softcap: float,
+def _fwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, inv_temp: float, softcap: float,
             vocab_size: int, ignore_index: int, entropy: bool, backend: str, chunk_size: int
             ) -> tuple[Tensor, Tensor, Tensor]:
     """``logprob [N]`` and ``entropy [N]`` (0 on ignored rows; entropy empty unless asked) and the softmax
     statistics ``[N, 2]`` (row max M and ``log sum e^(s - M)``; lse is their sum)."""
-    opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size)
+    opts = dict(scaling=Scaling(inv_temp, softcap), vocab_size=vocab_size)
     if backend == "triton":
         logprob, stats, ent = triton_module("token_logprobs").token_logprobs_fwd(
-            h, w, b, targets, entropy=entropy, inv_temp=1.0 / temperature, softcap=softcap, vocab_size=vocab_size)
+            h, w, b, targets, entropy=entropy, inv_temp=inv_temp, softcap=softcap, vocab_size=vocab_size)
     elif backend == "native":
         logprob, stats, ent = _native_fwd(h, w, b, targets, entropy=entropy, chunk_size=chunk_size, **opts)
     else:
@@ -218,14 +215,14 @@ def _fwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, temperat
 
 
 @_fwd_op.register_fake
-def _(h, w, b, targets, temperature, softcap, vocab_size, ignore_index, entropy, backend, chunk_size):
+def _(h, w, b, targets, inv_temp, softcap, vocab_size, ignore_index, entropy, backend, chunk_size):
     n, f = h.shape[0], out_dtype(h)
     return h.new_empty(n, dtype=f), h.new_empty(n if entropy else 0, dtype=f), h.new_empty(n, 2, dtype=f)
 
 
 @torch.library.custom_op("minillm_fast::token_logprobs_bwd", mutates_args=())
 def _bwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, stats: Tensor, ent: Optional[Tensor],
-            g_lp: Tensor, g_ent: Optional[Tensor], temperature: float, softcap: float, vocab_size: int,
+            g_lp: Tensor, g_ent: Optional[Tensor], inv_temp: float, softcap: float, vocab_size: int,
             ignore_index: int, backend: str, chunk_size: int, grads: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``sum(g_lp * logprob + g_ent * entropy)`` w.r.t. h, w, b where ``grads`` asks (empty elsewhere).
 
@@ -235,10 +232,10 @@ def _bwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, stats: T
     if g_ent is not None:
         g_ent = torch.where(keep, g_ent, torch.zeros_like(g_ent))
     needs = tuple(grads)
-    opts = dict(temperature=temperature, softcap=softcap, vocab_size=vocab_size, needs=needs)
+    opts = dict(scaling=Scaling(inv_temp, softcap), vocab_size=vocab_size, needs=needs)
     if backend == "triton":
         g = triton_module("token_logprobs").token_logprobs_bwd(h, w, b, targets, stats, ent, g_lp, g_ent,
-                                                               inv_temp=1.0 / temperature, softcap=softcap,
+                                                               inv_temp=inv_temp, softcap=softcap,
                                                                vocab_size=vocab_size, needs=needs)
     elif backend == "native":
         g = _native_bwd(h, w, b, targets, stats, ent, g_lp, g_ent, chunk_size=chunk_size, **opts)
@@ -248,7 +245,7 @@ def _bwd_op(h: Tensor, w: Tensor, b: Optional[Tensor], targets: Tensor, stats: T
 
 
 @_bwd_op.register_fake
-def _(h, w, b, targets, stats, ent, g_lp, g_ent, temperature, softcap, vocab_size, ignore_index, backend, chunk_size,
+def _(h, w, b, targets, stats, ent, g_lp, g_ent, inv_temp, softcap, vocab_size, ignore_index, backend, chunk_size,
       grads):
     return tuple(torch.empty_like(x) if need and x is not None else h.new_empty(0) for need, x in zip(grads, (h, w, b)))
 
@@ -261,9 +258,9 @@ class _TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, targets, params: tuple):
-        temperature, softcap, vocab_size, ignore_index, entropy, backend, chunk_size = params
+        inv_temp, softcap, vocab_size, ignore_index, entropy, backend, chunk_size = params
         logprob, ent, stats = torch.ops.minillm_fast.token_logprobs_fwd(
-            h, w, b, targets, temperature, softcap, vocab_size, ignore_index, entropy, backend, chunk_size)
+            h, w, b, targets, inv_temp, softcap, vocab_size, ignore_index, entropy, backend, chunk_size)
         ctx.params = params
         ctx.set_materialize_grads(False)
         if not entropy:
@@ -275,7 +272,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_lp, g_ent):
         h, w, b, targets, stats, ent = ctx.saved_tensors
-        temperature, softcap, vocab_size, ignore_index, entropy, backend, chunk_size = ctx.params
+        inv_temp, softcap, vocab_size, ignore_index, entropy, backend, chunk_size = ctx.params
         needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         with_ent = entropy and g_ent is not None
         if not any(needs) or (g_lp is None and not with_ent):
@@ -283,7 +280,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         if g_lp is None:
             g_lp = stats.new_zeros(stats.shape[0])
         g = torch.ops.minillm_fast.token_logprobs_bwd(
-            h, w, b, targets, stats, ent if with_ent else None, g_lp, g_ent if with_ent else None, temperature,
+            h, w, b, targets, stats, ent if with_ent else None, g_lp, g_ent if with_ent else None, inv_temp,
             softcap, vocab_size, ignore_index, backend, chunk_size, list(needs))
         return (*(x if need else None for x, need in zip(g, needs)), None, None)
 
@@ -293,10 +290,10 @@ class _TokenLogprobsFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------------
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperature: float = 1.0,
                    bias: Optional[Tensor] = None, vocab_size: Optional[int] = None, softcap: Optional[float] = None,
-                   ignore_index: int = -100, return_entropy: bool = False, backend: str = "auto",
-                   chunk_size: Optional[int] = None):
-    """Log-probability of each target token under ``softmax(softcap(h W^T + b) / T)``, from hidden states and the
-    lm_head weight, without materialising the ``[N, V]`` logits.
+                   logit_scale: Optional[float] = None, ignore_index: int = -100, return_entropy: bool = False,
+                   backend: str = "auto", chunk_size: Optional[int] = None):
+    """Log-probability of each target token under ``softmax(softcap(logit_scale (h W^T + b)) / T)``, from hidden
+    states and the lm_head weight, without materialising the ``[N, V]`` logits.
 
     Equals, up to rounding::
 
@@ -319,7 +316,9 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperatu
         temperature: > 0, divides the logits.
         bias: ``[V]`` lm_head bias or None.
         vocab_size: real vocabulary when the head is padded: rows ``>= vocab_size`` are excluded from the softmax.
-        softcap: Gemma-style ``softcap * tanh(z / softcap)`` before the temperature.
+        softcap: Gemma-style ``softcap * tanh(x / softcap)``, after the logit scale and before the temperature.
+        logit_scale: a multiplier on the raw logits, applied first (a model's own scaling: Cohere's
+            ``logit_scale``, Granite's ``1 / logits_scaling``); > 0.
         ignore_index: target value of skipped rows.
         return_entropy: also return the per-token entropy of the distribution (0 on ignored rows).
         backend: ``auto`` | ``triton`` | ``native`` | ``torch`` (see minillm_fast/backends.py).
@@ -333,8 +332,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperatu
     h = check_hidden("hidden", hidden)
     w = check_weight("weight", weight, h, "hidden")
     b = check_bias("bias", bias, w, "weight")
-    temperature = check_positive("temperature", temperature)
-    cap = check_softcap(softcap)
+    scaling = checked(temperature, softcap, logit_scale)
     vocab = resolve_vocab(vocab_size, ("weight", w))
     lead = hidden.shape[:-1]
     if targets is None:
@@ -347,7 +345,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperatu
     grad_w = w[:vocab].numel() * 4 if w.requires_grad else 0
     chunk = chunk_rows(chunk_size, h.shape[0], vocab, h.device, name, h.dtype, head_grad_bytes=grad_w)
 
-    params = (temperature, cap, vocab, ignore_index, bool(return_entropy), name, chunk)
+    params = (scaling.inv_temp, scaling.softcap, vocab, ignore_index, bool(return_entropy), name, chunk)
     logprob, ent = _TokenLogprobsFunction.apply(h, w, b, y, params)
     if return_entropy:
         return logprob.reshape(lead), ent.reshape(lead)

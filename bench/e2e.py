@@ -48,16 +48,20 @@ PAD, FIRST_ID = 0, 3  # random ids avoid the demo tokenizer's special tokens (0-
 # ----------------------------------------------------------------------------------------------------------------------
 def materialised_mixture_sample(student_hidden, student_weight, teacher_hidden, teacher_weight, *, alpha=0.2,
                                 temperature=1.0, generator=None, vocab_size=None, student_bias=None,
-                                teacher_bias=None, softcap=None, backend=None, chunk_size=None):
-    """:func:`minillm_fast.mixture_sample` the plain way (same arguments and result; ``backend`` and ``chunk_size``
-    ignored): full ``[B, V]`` fp32 logits of both models (``minillm_fast.reference.logits``), their log-softmax, the
-    mixture ``alpha p + (1 - alpha) q``, ``torch.multinomial``, then the three log-probs of the drawn tokens."""
+                                teacher_bias=None, student_softcap=None, teacher_softcap=None,
+                                student_logit_scale=None, teacher_logit_scale=None, backend=None, chunk_size=None):
+    """:func:`minillm_fast.mixture_sample` the plain way (the arguments the rollout passes, and the same result;
+    ``backend`` and ``chunk_size`` ignored): full ``[B, V]`` fp32 logits of both models
+    (``minillm_fast.reference.logits``), their log-softmax, the mixture ``alpha p + (1 - alpha) q``,
+    ``torch.multinomial``, then the three log-probs of the drawn tokens."""
     from minillm_fast import reference
     from minillm_fast.ops.sampling import MixtureSample
 
-    kw = dict(vocab_size=vocab_size, softcap=softcap, temperature=temperature)
-    lq = torch.log_softmax(reference.logits(student_hidden, student_weight, student_bias, **kw), -1)  # [B, V]
-    lp = torch.log_softmax(reference.logits(teacher_hidden, teacher_weight, teacher_bias, **kw), -1)  # [B, V]
+    kw = dict(vocab_size=vocab_size, temperature=temperature)
+    lq = torch.log_softmax(reference.logits(student_hidden, student_weight, student_bias, softcap=student_softcap,
+                                            logit_scale=student_logit_scale, **kw), -1)                # [B, V]
+    lp = torch.log_softmax(reference.logits(teacher_hidden, teacher_weight, teacher_bias, softcap=teacher_softcap,
+                                            logit_scale=teacher_logit_scale, **kw), -1)                # [B, V]
     probs = alpha * lp.exp() + (1 - alpha) * lq.exp()                                                # [B, V]
     y = torch.multinomial(probs, 1, generator=generator)                                             # [B, 1]
     return MixtureSample(y[:, 0], lq.gather(-1, y)[:, 0], lp.gather(-1, y)[:, 0], probs.gather(-1, y)[:, 0].log())
@@ -98,7 +102,7 @@ def _random_ids(gen: torch.Generator, vocab: int, *shape) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------------
 def train_workload(spec: dict, student, teacher, device: torch.device):
     from minillm_fast import reference
-    from minillm_fast.distill import losses, models
+    from minillm_fast.distill import heads, losses, models
 
     vocab, b, p, r = spec["vocab"], spec["batch"], spec["prompt_len"], spec["new_tokens"]
     n_pt, l_pt = spec["pt_rows"], spec["pt_len"]
@@ -109,7 +113,7 @@ def train_workload(spec: dict, student, teacher, device: torch.device):
     pt = _random_ids(gen, vocab, n_pt, l_pt).to(device)
     student.train()
     models.disable_dropout(student)
-    s_head, t_head = models.head_of(student), models.head_of(teacher)
+    s_head, t_head = heads.head_of(student), heads.head_of(teacher)
     opts = losses.LossOptions(backend=spec["backend"])
     # one student forward over the rollout rows and the corpus rows, the shorter ones right-padded  [b + n_pt, T]
     t = max(p + r, l_pt)

@@ -5,11 +5,19 @@
   evaluate  sampled responses, Rouge-L and exact match over seeds
   bench     microbenchmarks of bench/ against the naive reference, Liger-Kernel and the matmul floor
 
-Each subcommand has its own ``--help``.
+Each subcommand has its own ``--help``. ``--debug`` (anywhere on the line) shows the traceback of an error that is
+otherwise reported in one paragraph.
 """
 from __future__ import annotations
 
 import sys
+
+# What a user's mistake raises (a config, a path, data, a model or a pair of models the package refuses, a missing
+# extra): reported in one paragraph with exit code 2, the traceback only with --debug. Anything else is a bug and
+# keeps its traceback.
+EXIT_USER_ERROR = 2
+# The modules of the `train` extra (pyproject.toml) and what they are imported as.
+TRAIN_MODULES = {"transformers", "tokenizers", "rouge_score", "yaml", "tqdm", "matplotlib"}
 
 
 def _demo(argv: list) -> int:
@@ -49,8 +57,45 @@ def _bench(argv: list) -> int:
 COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate, "bench": _bench}
 
 
+def _user_error(e: BaseException) -> bool:
+    from .native import NativeBuildError
+
+    return isinstance(e, (ValueError, OSError, ImportError, NativeBuildError)) or type(e).__name__ in (
+        "OutOfMemoryError", "DemoError")
+
+
+def describe(e: BaseException) -> str:
+    """One paragraph for a user's error (a missing extra says which to install)."""
+    if isinstance(e, ImportError):
+        missing = (getattr(e, "name", None) or "").split(".")[0]
+        if missing in TRAIN_MODULES:
+            return (f"this command needs the optional dependencies of the 'train' extra (missing module "
+                    f"{missing!r}): pip install 'minillm-fast[train]'")
+        if missing == "peft":
+            return "method=okd needs peft, the 'okd' extra: pip install 'minillm-fast[okd]'"
+    text = str(e).strip() or type(e).__name__
+    return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
+
+
+def run_command(name: str, fn, argv: list, debug: bool = False) -> int:
+    """Run a subcommand; a user's error becomes one paragraph on stderr and exit code 2 (``debug``: re-raised)."""
+    try:
+        return fn(argv)
+    except KeyboardInterrupt:
+        print(f"minillm-fast {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted below: user errors are reported, bugs re-raised
+        if debug or not _user_error(e):
+            raise
+        print(f"minillm-fast {name}: error: {describe(e)}\n(run again with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):
@@ -58,7 +103,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         return 0 if argv else 2
-    return COMMANDS[argv[0]](argv[1:])
+    return run_command(argv[0], COMMANDS[argv[0]], argv[1:], debug)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import torch
 from distill_utils import config, workspace
 
 from minillm_fast.distill.config import ConfigError, DistillConfig, parse_overrides
-from minillm_fast.distill.models import ModelLoadError, check_vocab, load_model, load_tokenizer
+from minillm_fast.distill.heads import real_vocab_size
+from minillm_fast.distill.models import ModelLoadError, load_model, load_tokenizer
 
 
 def test_reference_defaults():
@@ -78,8 +79,8 @@ def test_vocab_mismatch_and_missing_model(tmp_path):
     small = build_model("gpt2", vocab_size=len(tok) - 10, hidden=16, layers=1)
     with pytest.raises(ModelLoadError, match=f"tokenizer has {len(tok)} tokens but the teacher's lm_head has "
                                              f"{len(tok) - 10} rows"):
-        check_vocab(tok, load_model(p["student"]), small)
-    assert check_vocab(tok, load_model(p["student"])) == len(tok)      # padded head (512 rows) is fine
+        real_vocab_size(tok, load_model(p["student"]), small)
+    assert real_vocab_size(tok, load_model(p["student"])) == len(tok)      # padded head (512 rows) is fine
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "nothing"))
     # the trainer fails before training for the same reason

@@ -12,7 +12,8 @@ import pytest
 import torch
 from distill_utils import config, read_metrics, torchrun, without_timing, workspace
 
-from minillm_fast.distill import cli, models, okd, toy
+from minillm_fast import cli as package_cli
+from minillm_fast.distill import heads, models, okd, toy
 from minillm_fast.distill.config import ConfigError
 from minillm_fast.distill.data import IGNORE_INDEX
 from minillm_fast.distill.losses import LossOptions
@@ -220,7 +221,7 @@ def test_gradients_match_materialised_float64_reference(backends, arch, divergen
         s, t = copy.deepcopy(student), copy.deepcopy(teacher)
         hs = models.hidden_states(s, ids, mask)[:, :-1]
         ht = models.hidden_states(t, ids, mask)[:, :-1]
-        terms = okd.okd_terms(hs, models.head_of(s), ht, models.head_of(t), y, LossOptions(vocab, backend),
+        terms = okd.okd_terms(hs, heads.head_of(s), ht, heads.head_of(t), y, LossOptions(vocab, backend),
                               alpha=alpha, divergence=divergence, teacher_divergence=teacher_divergence, beta=beta)
         terms["objective"].backward()
         torch.testing.assert_close(terms["student"].double(), l_s, rtol=1e-5, atol=1e-5)
@@ -271,6 +272,6 @@ def test_missing_peft_gives_the_install_command(tmp_path, monkeypatch, capsys):
     cfg = okd_config(tmp_path)
     args = [f"{k}={v}" for k, v in (("method", "okd"), ("student", cfg.student), ("teacher", cfg.teacher),
                                     ("train_data", cfg.train_data), ("output_dir", cfg.output_dir))]
-    assert cli.distill_main([*args, "--dry-run"]) == 2
+    assert package_cli.main(["distill", *args, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "error: method='okd' needs the peft library" in err and "pip install 'minillm-fast[okd]'" in err

@@ -186,11 +186,12 @@ def test_training_never_materialises_logits(tmp_path, monkeypatch, method):
     batches hold 8 rows x ~70 positions."""
     from minillm_fast.distill.trainer import Trainer
 
-    _forbid_logits(monkeypatch)
     chunks = _record_chunks(monkeypatch)
     cfg = config(tmp_path, method=method, total_iters=2, eval_interval=2, eval_generate=True, pt_batch_size=4,
                  cache_teacher_hidden=False)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # loading probes each model once through model(...).logits (8 positions, distill/heads.py)
+    chunks.clear()
+    _forbid_logits(monkeypatch)
     # 16 rows of the real vocabulary for the native backend (2 fp32 row temporaries), 2 for the torch backend (12)
     monkeypatch.setenv("MINILLM_FAST_CHUNK_BYTES", str(16 * len(trainer.tokenizer) * 4 * 2))
     guard = _NoVocabTensors({512, len(trainer.tokenizer)}, max_rows=16)

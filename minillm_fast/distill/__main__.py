@@ -1,6 +1,6 @@
-"""``python -m minillm_fast.distill --config run.yaml [key=value ...]`` (also under torchrun)."""
+"""``python -m minillm_fast.distill --config run.yaml [key=value ...]`` (also under torchrun): ``minillm-fast distill``."""
 import sys
 
-from .cli import distill_main
+from ..cli import main
 
-sys.exit(distill_main())
+sys.exit(main(["distill", *sys.argv[1:]]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from typing import Optional, Sequence
 
 USAGE = """\
@@ -46,9 +45,9 @@ def distill_main(argv: Optional[Sequence[str]] = None) -> int:
         print(config_help())
         return 0
 
-    from .config import ConfigError, DistillConfig
-    from .models import ModelLoadError
+    from .config import DistillConfig
 
+    # a user's mistake (config, paths, data, models) raises; minillm_fast.cli reports it in one paragraph, exit 2
     try:
         cfg = DistillConfig.from_sources(args.config, args.overrides)
         if args.dry_run:
@@ -59,9 +58,6 @@ def distill_main(argv: Optional[Sequence[str]] = None) -> int:
         from .trainer import Trainer
 
         Trainer(cfg).train()
-    except (ConfigError, ModelLoadError, FileNotFoundError) as e:
-        print(f"minillm-fast distill: error: {e}", file=sys.stderr)
-        return 2
     finally:
         from . import dist
 

@@ -56,7 +56,7 @@ class DistillConfig:
     device: str = "auto"                    # auto | cpu | cuda
     dtype: str = "fp32"                     # fp32 | bf16 compute (bf16: autocast, fp32 master weights)
     teacher_dtype: Optional[str] = None     # default: dtype
-    attn_implementation: str = "auto"       # auto (flash_attention_2 with flash_attn + CUDA, else sdpa) | ...
+    attn_implementation: str = "auto"       # auto (transformers chooses what the model supports) | ...
     backend: str = "auto"                   # backend of the fused ops (MINILLM_FAST_BACKEND also applies)
     parallel: str = "ddp"                   # ddp | fsdp: how torchrun ranks share the models (fsdp: sharded)
     # --- data ----------------------------------------------------------------------------------------------------

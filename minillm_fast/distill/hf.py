@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .data import IGNORE_INDEX
 from .losses import LossOptions, divergence_sum, logprobs
-from .models import decoder, head_of, unwrap
+from .heads import head_of, probe, real_vocab_size
+from .models import decoder, unwrap
 
 
 def _final_hidden(model, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
@@ -43,7 +44,8 @@ def _final_hidden(model, input_ids: Tensor, attention_mask: Optional[Tensor]) ->
 
 def distillation_loss(student, teacher, batch: dict, *, divergence: str = "forward_kl", kd_ratio: float = 0.5,
                       temperature: float = 1.0, num_items_in_batch: Optional[int] = None, backend: str = "auto",
-                      vocab_size: Optional[int] = None, return_terms: bool = False, **divergence_kwargs):
+                      vocab_size: Optional[int] = None, tokenizer=None, return_terms: bool = False,
+                      **divergence_kwargs):
     """``(1 - kd_ratio) CE(labels) + kd_ratio D(teacher, student)``, token mean, from two causal LMs and a batch.
 
     Args:
@@ -57,7 +59,10 @@ def distillation_loss(student, teacher, batch: dict, *, divergence: str = "forwa
         temperature: divides both models' logits in the divergence (not in the cross-entropy).
         num_items_in_batch: divide the sums by this (the Trainer's count over gradient-accumulation steps) instead
             of the batch's own token count.
-        vocab_size: real vocabulary when the heads are padded (default: the smaller of the two heads' rows).
+        vocab_size: the real vocabulary; head rows at or beyond it are excluded from every softmax. Default: the
+            rule of :func:`minillm_fast.distill.heads.real_vocab_size`: ``len(tokenizer)`` when ``tokenizer`` is
+            given (the same rule as ``minillm-fast distill``), else the smaller head's row count.
+        tokenizer: the tokenizer of both models (for the real vocabulary).
         divergence_kwargs: ``beta``, ``skew`` of :func:`minillm_fast.fused_divergence`.
 
     Returns:
@@ -70,8 +75,8 @@ def distillation_loss(student, teacher, batch: dict, *, divergence: str = "forwa
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     labels = labels[:, 1:]
     s_head, t_head = head_of(student), head_of(teacher)
-    if vocab_size is None and s_head.weight.shape[0] != t_head.weight.shape[0]:
-        vocab_size = min(s_head.weight.shape[0], t_head.weight.shape[0])
+    if vocab_size is None:
+        vocab_size = real_vocab_size(tokenizer, student, teacher)
     opts = LossOptions(vocab_size=vocab_size, backend=backend)
 
     hs = _final_hidden(student, input_ids, attention_mask)[:, :-1]
@@ -95,7 +100,10 @@ class DistillationTrainerMixin:
     :func:`distillation_loss` against ``teacher_model`` (moved to the student's device on first use).
 
     Extra constructor arguments: ``teacher_model`` (required) and ``distill_kwargs`` (passed to
-    :func:`distillation_loss`, e.g. ``dict(divergence="reverse_kl", kd_ratio=1.0, temperature=2.0)``).
+    :func:`distillation_loss`, e.g. ``dict(divergence="reverse_kl", kd_ratio=1.0, temperature=2.0)``). The real
+    vocabulary is ``len(processing_class)`` when the Trainer has a tokenizer (the CLI's rule). Both models are probed
+    at construction (:func:`minillm_fast.distill.heads.probe`): a model whose logits the fused path would not
+    reproduce is refused with :class:`~minillm_fast.distill.heads.HeadMismatchError` before any training.
     """
 
     def __init__(self, *args, teacher_model=None, distill_kwargs: Optional[dict] = None, **kwargs):
@@ -104,6 +112,14 @@ class DistillationTrainerMixin:
         super().__init__(*args, **kwargs)
         self.teacher_model = teacher_model.eval().requires_grad_(False)
         self.distill_kwargs = dict(distill_kwargs or {})
+        tokenizer = getattr(self, "processing_class", None)
+        if tokenizer is not None and "vocab_size" not in self.distill_kwargs and hasattr(tokenizer, "__len__"):
+            self.distill_kwargs["tokenizer"] = tokenizer
+        vocab = self.distill_kwargs.get("vocab_size") or real_vocab_size(
+            self.distill_kwargs.get("tokenizer"), self.model, self.teacher_model)
+        backend = self.distill_kwargs.get("backend", "auto")
+        probe(self.model, vocab, what="student", backend=backend)
+        probe(self.teacher_model, vocab, what="teacher", backend=backend)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
         device = next(unwrap(model).parameters()).device

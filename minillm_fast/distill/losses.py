@@ -29,7 +29,7 @@ from .. import reference
 from ..ops.fused_divergence import fused_divergence
 from ..ops.token_logprobs import token_logprobs
 from .data import IGNORE_INDEX
-from .models import Head
+from .heads import Head
 
 
 @dataclass
@@ -39,18 +39,9 @@ class LossOptions:
     naive: bool = False                  # materialise logits (reference ops) instead
 
 
-def _softcap(*heads: Optional[Head]) -> Optional[float]:
-    caps = {h.softcap for h in heads if h is not None}
-    if len(caps) > 1:
-        raise ValueError(f"student and teacher use different final logit softcaps {sorted(caps, key=str)}; the fused "
-                         f"divergence applies one softcap to both")
-    return caps.pop() if caps else None
-
-
 def logprobs(hidden: Tensor, head: Head, targets: Tensor, opts: LossOptions, *, temperature: float = 1.0) -> Tensor:
     """``log q(targets)`` per position ``[...]`` float32 (0 where targets == IGNORE_INDEX), differentiable."""
-    kw = dict(temperature=temperature, bias=head.bias, vocab_size=opts.vocab_size, softcap=head.softcap,
-              ignore_index=IGNORE_INDEX)
+    kw = dict(temperature=temperature, vocab_size=opts.vocab_size, ignore_index=IGNORE_INDEX, **head.options())
     if opts.naive:
         return reference.token_logprobs(hidden, head.weight, targets, **kw)
     return token_logprobs(hidden, head.weight, targets, backend=opts.backend, **kw)
@@ -60,8 +51,8 @@ def divergence_sum(student_hidden: Tensor, s_head: Head, teacher_hidden: Tensor,
                    divergence: str, labels: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                    token_weights: Optional[Tensor] = None, temperature: float = 1.0, beta: float = 0.5) -> Tensor:
     kw = dict(divergence=divergence, labels=labels, ignore_index=IGNORE_INDEX, mask=mask, token_weights=token_weights,
-              temperature=temperature, beta=beta, reduction="sum", student_bias=s_head.bias, teacher_bias=t_head.bias,
-              vocab_size=opts.vocab_size, softcap=_softcap(s_head, t_head))
+              temperature=temperature, beta=beta, reduction="sum", vocab_size=opts.vocab_size,
+              **s_head.options("student"), **t_head.options("teacher"))
     if opts.naive:
         return reference.fused_divergence(student_hidden, s_head.weight, teacher_hidden, t_head.weight, **kw)
     return fused_divergence(student_hidden, s_head.weight, teacher_hidden, t_head.weight, backend=opts.backend, **kw)

@@ -1,7 +1,7 @@
 """Models: load student, teacher and tokenizer from local paths, and run them up to the final hidden states.
 
 Nothing here calls a model's lm_head: :func:`hidden_states` runs the base model (``model.get_decoder()``) and
-returns the final (normed) hidden states; :func:`lm_head` hands the head's weight / bias / softcap to the fused ops.
+returns the final (normed) hidden states; distill/heads.py describes the head for the fused ops.
 :class:`HiddenStates` wraps a causal LM as an ``nn.Module`` whose forward returns hidden states, so DDP can wrap it
 (its gradient hooks then see the head weight used by the fused loss after the forward).
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,17 +32,15 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_attn_implementation(requested: str, device: torch.device) -> str:
-    """``flash_attention_2`` when flash_attn is installed and the device is CUDA, else ``sdpa`` (for ``auto``)."""
-    if requested != "auto":
-        if requested == "flash_attention_2" and (device.type != "cuda"
-                                                 or importlib.util.find_spec("flash_attn") is None):
-            raise ModelLoadError("attn_implementation='flash_attention_2' needs CUDA and the flash_attn package "
-                                 "(pip install flash-attn); use auto or sdpa")
-        return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def pick_attn_implementation(requested: str, device: torch.device) -> Optional[str]:
+    """The ``attn_implementation`` to load with: None for ``auto`` (transformers picks what the model supports on
+    this machine: sdpa where the family has it, eager otherwise, as for Gemma 2), else the one asked for."""
+    if requested == "auto":
+        return None
+    if requested == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
+        raise ModelLoadError("attn_implementation='flash_attention_2' needs CUDA and the flash_attn package "
+                             "(pip install flash-attn); use auto or sdpa")
+    return requested
 
 
 def _check_dir(path: Optional[str], what: str) -> str:
@@ -86,25 +83,6 @@ def load_model(path: str, *, dtype: str = "fp32", device: torch.device = torch.d
     return model.to(device)
 
 
-def vocab_rows(model) -> int:
-    return lm_head(model).weight.shape[0]
-
-
-def check_vocab(tokenizer, student, teacher=None) -> int:
-    """The real vocabulary ``len(tokenizer)``, checked against both heads; heads may be padded beyond it (their
-    extra rows are excluded from every softmax), never shorter."""
-    n = len(tokenizer)
-    for what, model in (("student", student), ("teacher", teacher)):
-        if model is None:
-            continue
-        rows = vocab_rows(model)
-        if rows < n:
-            raise ModelLoadError(
-                f"tokenizer/model vocabulary mismatch: the tokenizer has {n} tokens but the {what}'s lm_head has "
-                f"{rows} rows; use the tokenizer the {what} was trained with (or resize its embeddings)")
-    return n
-
-
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off for good (the reference trains MiniLLM without dropout), whatever train()/eval() says."""
     for module in model.modules():
@@ -118,15 +96,6 @@ def disable_dropout(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # hidden states and heads
 # ----------------------------------------------------------------------------------------------------------------------
-@dataclass
-class Head:
-    """What the fused ops need from a model's output layer."""
-
-    weight: torch.Tensor                 # [V_pad, H]
-    bias: Optional[torch.Tensor]         # [V_pad] or None
-    softcap: Optional[float]             # Gemma-style final logit softcapping, or None
-
-
 def unwrap(model):
     """The model inside DDP / HiddenStates wrappers."""
     while True:
@@ -136,28 +105,6 @@ def unwrap(model):
             model = model.module
         else:
             return model
-
-
-def lm_head(model) -> nn.Module:
-    head = unwrap(model).get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ModelLoadError(f"{type(unwrap(model)).__name__} has no linear output embedding (lm_head)")
-    return head
-
-
-def head_of(model, dtype: Optional[torch.dtype] = None) -> Head:
-    """The model's output layer for the fused ops, its weight (and bias) cast to ``dtype`` when given (a
-    differentiable cast: gradients reach the fp32 master weights)."""
-    m = unwrap(model)
-    head = lm_head(m)
-    if getattr(m.config, "logit_scale", None) not in (None, 1.0):
-        raise ModelLoadError(f"{type(m).__name__} scales its logits (config.logit_scale); not supported yet")
-    softcap = getattr(m.config, "final_logit_softcapping", None) or None
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if dtype is not None and weight.dtype != dtype:
-        weight = weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    return Head(weight, bias, softcap)
 
 
 def autocast(dtype: torch.dtype, device: torch.device):

@@ -55,10 +55,10 @@ import torch
 from torch import Tensor
 
 from . import data as D
-from . import dist, models
+from . import dist, heads, models
 from .config import ConfigError, DistillConfig, _choice, _int, _number
 from .losses import LossOptions, divergence_sum, logprobs
-from .models import Head
+from .heads import Head
 
 INSTALL = "pip install 'minillm-fast[okd]'"
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -140,7 +140,7 @@ def add_lora(teacher: torch.nn.Module, *, rank: int = 32, alpha: Optional[float]
             raise ConfigError(f"okd_target_modules={targets}: {e}") from None
     from peft.tuners.lora import LoraLayer
 
-    if isinstance(models.lm_head(teacher), LoraLayer):
+    if isinstance(heads.lm_head(teacher), LoraLayer):
         raise ConfigError(f"okd_target_modules={targets} puts LoRA on the teacher's lm_head; the fused losses read the "
                           f"head weight directly, so adapt attention (or MLP) modules only")
     return wrapped
@@ -168,10 +168,6 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def _detached(head: Head) -> Head:
-    return Head(head.weight.detach(), None if head.bias is None else head.bias.detach(), head.softcap)
-
-
 def okd_terms(student_hidden: Tensor, s_head: Head, teacher_hidden: Tensor, t_head: Head, labels: Tensor,
               opts: LossOptions, *, alpha: float = 0.5, divergence: str = "forward_kl",
               teacher_divergence: str = "reverse_kl", beta: float = 0.5) -> dict:
@@ -192,12 +188,12 @@ def okd_terms(student_hidden: Tensor, s_head: Head, teacher_hidden: Tensor, t_he
                            divergence=divergence, **kw)
         student, teacher_kl, objective = d, d, d
     else:
-        student = divergence_sum(student_hidden, s_head, teacher_hidden.detach(), _detached(t_head), opts,
+        student = divergence_sum(student_hidden, s_head, teacher_hidden.detach(), t_head.detached(), opts,
                                  divergence=divergence, **kw)
         teacher_kl = None
         objective = student
         if alpha > 0:
-            teacher_kl = divergence_sum(student_hidden.detach(), _detached(s_head), teacher_hidden, t_head, opts,
+            teacher_kl = divergence_sum(student_hidden.detach(), s_head.detached(), teacher_hidden, t_head, opts,
                                         divergence=teacher_divergence, **kw)
             objective = objective + alpha * teacher_kl
     teacher_ce = None

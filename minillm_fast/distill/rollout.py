@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..ops.sampling import mixture_sample, rollout_statistics, sample_tokens
 from .data import positions_from_mask
-from .models import autocast, head_of, hidden_states
+from .heads import head_of
+from .models import autocast, hidden_states
 
 
 @dataclass
@@ -130,13 +131,13 @@ def _generate(student, teacher, prompt_ids, prompt_mask, *, max_new_tokens, eos_
     for step in range(max_new_tokens):
         if both:
             s = mixture_sample(hs, s_head.weight, ht, t_head.weight, alpha=alpha, temperature=temperature,
-                               generator=generator, vocab_size=vocab_size, student_bias=s_head.bias,
-                               teacher_bias=t_head.bias, softcap=s_head.softcap, backend=backend)
+                               generator=generator, vocab_size=vocab_size, backend=backend,
+                               **s_head.options("student"), **t_head.options("teacher"))
             y, q_y, p_y, m_y = s.tokens, s.student_logprobs, s.teacher_logprobs, s.mixture_logprobs
         else:
             h, head = (hs, s_head) if student is not None else (ht, t_head)
-            s = sample_tokens(h, head.weight, temperature=temperature, generator=generator, bias=head.bias,
-                              vocab_size=vocab_size, softcap=head.softcap, backend=backend)
+            s = sample_tokens(h, head.weight, temperature=temperature, generator=generator, vocab_size=vocab_size,
+                              backend=backend, **head.options())
             y, q_y, p_y, m_y = s.tokens, s.logprobs, None, None
             if student is None:
                 q_y, p_y = None, s.logprobs
@@ -152,8 +153,8 @@ def _generate(student, teacher, prompt_ids, prompt_mask, *, max_new_tokens, eos_
             th.append(ht)
         if with_reverse_kl and both:
             st = rollout_statistics(hs, s_head.weight, ht, t_head.weight, y, alpha=alpha, temperature=temperature,
-                                    student_bias=s_head.bias, teacher_bias=t_head.bias, vocab_size=vocab_size,
-                                    softcap=s_head.softcap, backend=backend)
+                                    vocab_size=vocab_size, backend=backend, **s_head.options("student"),
+                                    **t_head.options("teacher"))
             rkl.append(torch.where(live, st.reverse_kl.float(), zero))
         done = done | (live & (y == eos_token_id))
         if step == max_new_tokens - 1 or bool(done.all()):

@@ -36,7 +36,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as D
-from . import dist, fsdp, losses, models, ppo, rollout
+from . import dist, fsdp, heads, losses, models, ppo, rollout
 from .config import ConfigError, DistillConfig, dump_yaml
 
 _MIX = 1_000_003
@@ -114,15 +114,20 @@ class Trainer:
             self.teacher = models.load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=self.device,
                                              attn_implementation=cfg.attn_implementation, what="teacher")
             self.teacher.requires_grad_(False).eval()
+        self.vocab_size = heads.real_vocab_size(self.tokenizer, self.student, self.teacher)
+        # the fused path must reproduce each model's own logits (scale, softcap, anything after its decoder); a model
+        # it does not is refused here, before any rollout or step (distill/heads.py)
+        for what, model in (("student", self.student), ("teacher", self.teacher)):
+            if model is not None:
+                heads.probe(model, self.vocab_size, what=what, backend=cfg.backend)
         # parallel=fsdp shards both models over the ranks (distill/fsdp.py); one process has nothing to shard
         self.fsdp = cfg.parallel == "fsdp" and self.world > 1
         if self.fsdp and self.teacher is not None:
             fsdp.shard_teacher(self.teacher, self.device)
-        self.vocab_size = models.check_vocab(self.tokenizer, self.student, self.teacher)
         if cfg.disable_dropout:
             models.disable_dropout(self.student)
         self.student.train()
-        self.t_head = models.head_of(self.teacher, self.compute_dtype) if self.teacher is not None else None
+        self.t_head = heads.head_of(self.teacher, self.compute_dtype) if self.teacher is not None else None
         self.opts = losses.LossOptions(vocab_size=self.vocab_size, backend=cfg.backend)
         if self.fsdp:
             self.module = fsdp.shard_student(models.HiddenStates(self.student), self.device)
@@ -258,9 +263,9 @@ class Trainer:
                 hs = models.hidden_states(module, input_ids, attention_mask)
         return hs.to(self.compute_dtype)
 
-    def _student_head(self) -> models.Head:
+    def _student_head(self) -> heads.Head:
         self._gather_student()
-        return models.head_of(self.student, self.compute_dtype)
+        return heads.head_of(self.student, self.compute_dtype)
 
     def _gather_student(self) -> None:
         """FSDP: unshard the student's root group (embeddings, head), which rollouts and the fused losses read

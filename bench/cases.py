@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 
 import minillm_fast
-from minillm_fast import backends, reference
+from minillm_fast import dispatch, reference
 from minillm_fast.divergences import DIVERGENCES
 
 from .shapes import Shape
@@ -97,7 +97,7 @@ def _ours_check(backend: str):
         if backend == "triton" and device.type != "cuda":
             return "unsupported: the triton backend needs CUDA (the CPU interpreter is far too slow to time)"
         try:
-            backends.resolve(backend, device)
+            dispatch.resolve(backend, device)
         except (RuntimeError, ValueError) as e:
             return f"unsupported: {e}"
         return None
@@ -313,15 +313,13 @@ DIVERGENCE_NAMES = tuple(DIVERGENCES)
 # The other ops. Each is one ``register(Case(...))``; a new op needs its make_inputs, floor, truth and impls, and
 # nothing else in bench/ changes. They are registered only when minillm_fast has them.
 # ----------------------------------------------------------------------------------------------------------------------
-def _op_backend_check(module: str, op: str, backend: str):
-    """Check that ``backend`` runs ``op`` (which may support fewer backends than fused_divergence)."""
+def _op_backend_check(backend: str):
+    """Check that ``backend`` runs on the device (every backend implements every op: minillm_fast/dispatch.py)."""
     def check(device, opts):
         if backend == "triton" and device.type != "cuda":
             return "unsupported: the triton backend needs CUDA (the CPU interpreter is far too slow to time)"
         try:
-            import importlib
-
-            importlib.import_module(module).resolve_backend(backend, device, op)
+            dispatch.resolve(backend, device)
         except Exception as e:  # noqa: BLE001  (any refusal means: not this backend)
             return f"unsupported: {e}"
         return None
@@ -379,8 +377,7 @@ def _tlp_ours(backend: str) -> Impl:
         kw = dict(temperature=opts["temperature"], vocab_size=x["vocab"], backend=backend,
                   chunk_size=opts.get("chunk_size"))
         return lambda: -minillm_fast.token_logprobs(x["hs"], x["ws"], x["targets"], **kw).mean()
-    return Impl(f"ours:{backend}", make, _op_backend_check("minillm_fast.ops.token_logprobs", "token_logprobs",
-                                                           backend))
+    return Impl(f"ours:{backend}", make, _op_backend_check(backend))
 
 
 def _tlp_naive(x, opts):
@@ -441,8 +438,7 @@ def _rollout_ours(backend: str) -> Impl:
                   chunk_size=opts.get("chunk_size"))
         return lambda: _rollout_scalar(minillm_fast.rollout_statistics(x["hs"], x["ws"], x["ht"], x["wt"],
                                                                        x["tokens"], **kw))
-    return Impl(f"ours:{backend}", make, _op_backend_check("minillm_fast.ops.token_logprobs", "rollout_statistics",
-                                                           backend))
+    return Impl(f"ours:{backend}", make, _op_backend_check(backend))
 
 
 def _rollout_naive(x, opts):
@@ -460,8 +456,7 @@ def _sample_ours(backend: str) -> Impl:
                   chunk_size=opts.get("chunk_size"))
         gen = torch.Generator(device=x["hs"].device).manual_seed(0)
         return lambda: minillm_fast.mixture_sample(x["hs"], x["ws"], x["ht"], x["wt"], generator=gen, **kw).tokens
-    return Impl(f"ours:{backend}", make, _op_backend_check("minillm_fast.ops.token_logprobs", "mixture_sample",
-                                                           backend))
+    return Impl(f"ours:{backend}", make, _op_backend_check(backend))
 
 
 def _sample_student_only(backend: str) -> Impl:
@@ -471,8 +466,7 @@ def _sample_student_only(backend: str) -> Impl:
                   chunk_size=opts.get("chunk_size"))
         gen = torch.Generator(device=x["hs"].device).manual_seed(0)
         return lambda: minillm_fast.sample_tokens(x["hs"], x["ws"], generator=gen, **kw).tokens
-    return Impl(f"sample_tokens:{backend}", make, _op_backend_check("minillm_fast.ops.token_logprobs",
-                                                                    "sample_tokens", backend),
+    return Impl(f"sample_tokens:{backend}", make, _op_backend_check(backend),
                 note=lambda opts: "student alone (no teacher matmul)")
 
 

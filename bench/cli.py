@@ -1,4 +1,4 @@
-"""``python -m bench`` / ``minillm-fast bench``: time and memory of every op against the naive reference, the peers
+"""``python -m bench``: time and memory of every op against the naive reference, the peers
 and the matmul floor, on named shape presets. See bench/README.md.
 
     python -m bench --quick                                    # tiny shapes, checks the harness end to end

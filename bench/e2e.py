@@ -227,9 +227,9 @@ def run_case(spec: dict) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(spec["threads"])
     try:
-        from minillm_fast import backends
+        from minillm_fast import dispatch
 
-        backend = "reference" if spec["impl"] == "materialised" else backends.resolve(spec["backend"], device)
+        backend = "reference" if spec["impl"] == "materialised" else dispatch.resolve(spec["backend"], device)
         student, teacher = build_models(spec["family"], spec["vocab"], device, spec.get("quick", False), spec["seed"])
         with ExitStack() as stack:
             if spec["step"] == "train":

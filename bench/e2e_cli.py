@@ -1,4 +1,4 @@
-"""``python -m bench e2e`` / ``minillm-fast bench e2e``: tokens/s and peak memory of a MiniLLM training step and of a
+"""``python -m bench e2e``: tokens/s and peak memory of a MiniLLM training step and of a
 rollout on the demo's models, fused ops against materialised logits (bench/e2e.py has the workloads; bench/README.md
 the method).
 

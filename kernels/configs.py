@@ -102,25 +102,70 @@ class Tiles:
         return {} if arch is INTERPRETER else dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-# The kernels, by the name their launchers ask with.
-KERNELS = ("tiled_fwd", "tiled_bwd", "rows", "split_fwd", "logprobs_bwd")
+# The kernels, by the name their launchers ask with: the vocab-tiled fused divergence's forward and backward, the
+# chunked strategy's row kernel, the one-pass split forward of token log-probs and rollout statistics, the sampler
+# (the same sweep plus Philox and the running best draw), and the token log-probs' backward.
+KERNELS = ("tiled_fwd", "tiled_bwd", "rows", "split_fwd", "sample", "logprobs_bwd")
+PRECISIONS = ("half", "fp32", "tf32")  # bf16/fp16 operands; IEEE fp32 dots; fp32 operands in TF32
 
-# Dot precision classes: "half" (bf16/fp16 operands), "fp32" (IEEE fp32 dots), "tf32" (fp32 operands in TF32).
+
+def _t(bn, bv, bh=0, w=4, s=3):
+    return Tiles(bn, bv, bh, num_warps=w, num_stages=s)
+
+
+# How the numbers were chosen. Each entry is the largest tile, among a few candidates, that compiles with no spills
+# on that family's reference target for the heaviest flags (jsd / skew KLs with softcap, biases and every gradient;
+# python -m minillm_fast.kernels.compile_check --matrix full), with at least 2 blocks per SM where one exists, and
+# within every member's shared memory (sm_80's table also fits the 99 KiB of sm_86 / sm_89 / sm_120). Rules of
+# thumb that came out of it:
+# * IEEE fp32 dots are FMA loops whose operands live in registers: half the tile of a bf16 dot, or 8 warps.
+# * A 4-warp block may use 255 registers and still leave room for 2 blocks per SM; an 8-warp block needs <= 128.
+# * The backward kernels hold two logits tiles, G and a gradient product at once: smaller vocabulary tiles and
+#   2 pipeline stages (their second loop reads W and h once per tile; deeper pipelines only cost shared memory).
+# * The row kernel (no dot) is memory-bound: one row per program, 1024-entry tiles, 4 warps: 8 floats per thread
+#   per load, ~60 registers, 9+ blocks per SM to keep loads in flight (the old 4 x 2048 tile spilled 3.5 KB with
+#   softcap and both gradients).
+# * ptxas often caps a kernel at 128 (8 warps) or 168 (4 warps) registers to keep 2 or 3 blocks resident, and spills
+#   past the cap: the entries are what compiled clean, not a formula (a mixed bf16 student / fp32 teacher takes the
+#   fp32 entry, and its register use differs again).
+# * CDNA (gfx942) has 64 KiB of LDS per workgroup and 512 VGPRs per lane; its reported SGPR spills go to VGPR lanes,
+#   not memory.
+_SM90 = {
+    "tiled_fwd": {"half": _t(64, 64, 64), "fp32": _t(32, 64, 32), "tf32": _t(64, 64, 32)},
+    "tiled_bwd": {"half": _t(32, 64, 32, s=2), "fp32": _t(32, 32, 32, s=2), "tf32": _t(32, 64, 32, w=8, s=2)},
+    "rows": _t(1, 1024),
+    "split_fwd": {"half": _t(64, 64, 32), "fp32": _t(32, 64, 32, w=8, s=2), "tf32": _t(32, 64, 32, w=8)},
+    "sample": {"half": _t(64, 64, 32, w=8), "fp32": _t(32, 32, 32, s=2), "tf32": _t(32, 64, 32, w=8)},
+    "logprobs_bwd": {"half": _t(64, 64, 32), "fp32": _t(32, 64, 32, w=8, s=2), "tf32": _t(32, 64, 32, s=2)},
+}
+_SM80 = {
+    "tiled_fwd": {"half": _t(32, 64, 64, w=8), "fp32": _t(32, 64, 32, w=8), "tf32": _t(32, 64, 32, w=8)},
+    "tiled_bwd": {"half": _t(32, 64, 32, s=2), "fp32": _t(32, 32, 16, s=2), "tf32": _t(32, 32, 32, s=2)},
+    "rows": _t(1, 1024),
+    "split_fwd": {"half": _t(64, 64, 32), "fp32": _t(32, 64, 32, w=8, s=2), "tf32": _t(32, 64, 32, w=8)},
+    "sample": {"half": _t(64, 64, 32, w=8), "fp32": _t(32, 32, 32, w=8), "tf32": _t(32, 64, 32, w=8)},
+    "logprobs_bwd": {"half": _t(64, 64, 32), "fp32": _t(32, 32, 32, s=2), "tf32": _t(32, 64, 32, s=2)},
+}
+_CDNA = {
+    "tiled_fwd": {"half": _t(32, 64, 64), "fp32": _t(32, 64, 32), "tf32": _t(32, 64, 32)},
+    "tiled_bwd": {"half": _t(64, 64, 32), "fp32": _t(32, 32, 32, s=2), "tf32": _t(32, 32, 32, s=2)},
+    "rows": _t(1, 1024),
+    "split_fwd": {"half": _t(64, 64, 32), "fp32": _t(64, 64, 32), "tf32": _t(64, 64, 32)},
+    "sample": {"half": _t(64, 64, 32), "fp32": _t(64, 64, 32), "tf32": _t(64, 64, 32)},
+    "logprobs_bwd": {"half": _t(64, 64, 32), "fp32": _t(32, 64, 32, s=2), "tf32": _t(32, 64, 32, s=2)},
+}
 _TABLE = {
     # Under the interpreter, tiles small enough that the tests' awkward sizes straddle tile edges; the
     # interpreter's cost is per program and per op, so large row counts take large row blocks (split_config).
     "interpreter": {
-        "tiled_fwd": Tiles(16, 64, 32), "tiled_bwd": Tiles(16, 64, 32), "rows": Tiles(8, 256),
-        "split_fwd": Tiles(16, 64, 32), "logprobs_bwd": Tiles(16, 64, 32),
+        "tiled_fwd": _t(16, 64, 32), "tiled_bwd": _t(16, 64, 32), "rows": _t(8, 256),
+        "split_fwd": _t(16, 64, 32), "sample": _t(16, 64, 32), "logprobs_bwd": _t(16, 64, 32),
     },
+    "sm_90": _SM90,
+    "sm_80": _SM80,
+    "small_smem": _SM80,
+    "cdna": _CDNA,
 }
-_GPU = {
-    "tiled_fwd": Tiles(64, 128, 64, num_warps=8), "tiled_bwd": Tiles(64, 128, 64, num_warps=8),
-    "rows": Tiles(4, 2048, num_warps=4), "split_fwd": Tiles(64, 128, 64, num_warps=8),
-    "logprobs_bwd": Tiles(64, 128, 64, num_warps=8),
-}
-for _family_name in ("sm_90", "sm_80", "small_smem", "cdna"):
-    _TABLE[_family_name] = _GPU
 
 
 def precision_class(*dtypes: torch.dtype, allow_tf32: bool = False) -> str:
@@ -131,8 +176,9 @@ def precision_class(*dtypes: torch.dtype, allow_tf32: bool = False) -> str:
 
 
 def launch_config(kernel: str, arch: Arch, precision: str = "half") -> Tiles:
-    """The configuration of ``kernel`` (one of KERNELS) on ``arch`` for dots of ``precision``."""
-    return _TABLE[arch.family][kernel]
+    """The configuration of ``kernel`` (one of KERNELS) on ``arch`` for dots of ``precision`` (one of PRECISIONS)."""
+    entry = _TABLE[arch.family][kernel]
+    return entry[precision] if isinstance(entry, dict) else entry
 
 
 # ----------------------------------------------------------------------------------------------------------------------

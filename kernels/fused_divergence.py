@@ -394,24 +394,27 @@ def fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_grad, *, kind: int, 
     return tuple(None if b is None else b.to(dt) for b, dt in zip(bufs, dtypes))
 
 
-def divergence_rows(zs, zt, row_grad, *, kind: int, log_w: float, log_1mw: float, inv_temp: tuple, softcap: tuple,
-                    grad_s: bool, grad_t: bool):
-    """Chunk rows: zs, zt [C, V] fp32 raw logits (contiguous rows); row_grad [C] fp32; ``inv_temp`` and ``softcap``
-    (student, teacher) pairs.
+def divergence_rows(zs, zt, row_grad, cfg, grad_s: bool, grad_t: bool):
+    """The rows function of the chunked strategy (minillm_fast.chunked.Rows): zs, zt [C, V] fp32 raw chunk logits
+    (contiguous rows); row_grad [C] fp32 or None (no gradients); ``cfg`` the op's DivergenceConfig (its
+    ``triton_args``: the divergence, each model's inv_temp and softcap).
 
     Returns ``loss [C]``, ``stats [C, 6]``; when grad_s / grad_t, zs / zt are overwritten in place with dL/dz
     (already multiplied by row_grad) and returned, else None.
     """
     check_supported(zs, zt)
     c, v = zs.shape
+    args = cfg.triton_args
+    if row_grad is None:
+        row_grad = zs.new_zeros(c)
     loss = torch.empty(c, device=zs.device, dtype=torch.float32)
     stats = torch.empty(c, 6, device=zs.device, dtype=torch.float32)
-    scaling, flags = scaling_args(inv_temp, softcap)
-    cfg = tile_config(zs.device, "rows", zs.dtype)
-    _divergence_rows_kernel[(triton.cdiv(c, cfg["BLOCK_N"]),)](
-        zs, zt, loss, stats, row_grad,
+    scaling, flags = scaling_args(args["inv_temp"], args["softcap"])
+    tiles = tile_config(zs.device, "rows", zs.dtype)
+    _divergence_rows_kernel[(triton.cdiv(c, tiles["BLOCK_N"]),)](
+        zs, zt, loss, stats, row_grad.float().contiguous(),
         c, v, zs.stride(0), zt.stride(0),
-        *scaling, log_w, log_1mw,
-        KIND=kind, **flags, GRAD_S=grad_s, GRAD_T=grad_t, **cfg,
+        *scaling, args["log_w"], args["log_1mw"],
+        KIND=args["kind"], **flags, GRAD_S=grad_s, GRAD_T=grad_t, **tiles,
     )
     return loss, stats, (zs if grad_s else None), (zt if grad_t else None)

@@ -255,7 +255,7 @@ def sample(hs, ws, bs, ht, wt, bt, seed, *, alpha: float, inv_temp: tuple, softc
         inv_temp, softcap = (inv_temp[0], inv_temp[0]), (softcap[0], softcap[0])
     n = hs.shape[0]
     dots = dict(DOT_S=dot_precision(hs.dtype), DOT_T=dot_precision(ht.dtype))
-    cfg = split_config(n, vocab_size, hs.device, hs.dtype, ht.dtype)
+    cfg = split_config(n, vocab_size, hs.device, hs.dtype, ht.dtype, kernel="sample")
     hs, ws, bs, ht, wt, bt = interpreter_safe(*(rowmajor(x) for x in (hs, ws, bs, ht, wt, bt)))
     scaling, flags = scaling_args(inv_temp, softcap)
     splits = cfg.pop("splits")

@@ -147,7 +147,7 @@ def _token_logprobs_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------------------
-def split_config(n: int, vocab: int, device: torch.device, *dtypes: torch.dtype) -> dict:
+def split_config(n: int, vocab: int, device: torch.device, *dtypes: torch.dtype, kernel: str = "split_fwd") -> dict:
     """Tile sizes and the vocabulary split of the one-pass forward kernels (grid ``[cdiv(n, BLOCK_N), S]``).
 
     On CUDA the vocabulary is split until there are about two programs per SM (a decode step has a handful of rows);
@@ -155,7 +155,7 @@ def split_config(n: int, vocab: int, device: torch.device, *dtypes: torch.dtype)
     large row counts take very large row blocks: the interpreter's cost is per program and per op, hardly per
     element, so the sampler's statistical tests (thousands of rows) run in seconds.
     """
-    cfg = tile_config(device, "split_fwd", *dtypes)
+    cfg = tile_config(device, kernel, *dtypes)
     arch = configs.device_arch(device)
     if arch is not configs.INTERPRETER:
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, triton.next_power_of_2(n)))

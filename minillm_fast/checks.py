@@ -151,3 +151,24 @@ def check_reduction(reduction) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not supported; expected one of {REDUCTIONS}")
     return reduction
+
+
+def check_token_range(name: str, tokens: torch.Tensor, vocab_size: int, ignore_index: Optional[int] = None) -> None:
+    """Raise ValueError when a token (other than ``ignore_index``) is outside ``[0, vocab_size)``.
+
+    This reads the values, so it synchronises with the device once per call; it is skipped while ``torch.compile``
+    traces (the kernels never index memory with a token, so a bad one gives a wrong value, never a bad access).
+    """
+    if torch.compiler.is_compiling():
+        return
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if ignore_index is not None:
+        bad &= tokens != ignore_index
+    if bool(bad.any()):
+        values = tokens[bad]
+        skip = "" if ignore_index is None else f" (or equal ignore_index={ignore_index})"
+        raise ValueError(
+            f"{name} has {values.numel()} value(s) outside [0, vocab_size={vocab_size}), first {values[0].item()}; "
+            f"every {name} entry must be a token id of the real vocabulary{skip}; rows >= vocab_size are padding"
+        )
+

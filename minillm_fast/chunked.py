@@ -1,23 +1,110 @@
-"""Token-chunked strategy of the fused divergence: the torch backend, and the triton backend's default.
+"""Token chunks: the driver that the chunked implementations of every backend share.
 
 Rows are taken C at a time; each chunk's full-vocabulary logits ``[C, V]`` are computed with one matmul per model
-(BLAS / cuBLAS), turned into per-row losses and the gradient ``G = dL/dz`` by a *rows function* (pure PyTorch here,
-or the Triton row kernel), and G goes straight into the gradient matmuls. Memory is O(C x V) whatever N is.
+(BLAS / cuBLAS), and a backend's *rows function* turns them into per-row statistics (and, for the fused divergence,
+per-row losses and the gradient ``G = dL/dz`` in place of the logits), which go straight into the gradient matmuls.
+Memory is O(C x V) whatever N is. The rows functions: :func:`minillm_fast.backends.torch.divergence_rows` (plain
+PyTorch), the native C++ kernels (minillm_fast/backends/native.py) and the Triton row kernel
+(minillm_fast/backends/triton.py).
 
-When the loss is reduced to a scalar, the gradients are computed during the forward pass (4 matmuls in all, the
-floor of DESIGN.md section 4) and the backward only scales them by the upstream scalar. For ``reduction="none"`` the
-upstream gradient is per row and unknown in the forward, so the backward recomputes the chunks (6 matmuls).
+For the fused divergence with a scalar loss, the gradients are computed during the forward pass (4 matmuls in all,
+the floor of docs/design.md section 4) and the backward only scales them by the upstream scalar; for
+``reduction="none"`` the upstream gradient is per row and unknown in the forward, so the backward recomputes the
+chunks (6 matmuls).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import divergences, hugepages
+from . import hugepages
 from .divergences import Divergence
 from .scaling import Scaling
+
+# Bytes of chunk temporaries the chunked implementations may hold (MINILLM_FAST_CHUNK_BYTES overrides).
+DEFAULT_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
+# [C, V] temporaries (fp32, fp64 for fp64 inputs) alive at once per chunk row: the torch rows function keeps about a
+# dozen; the Triton row kernel and the native rows function work in place on the two logits buffers, which
+# run() allocates once for fp32/fp64 inputs; half-precision inputs add the matmul's output and its cast.
+_TEMPS_PER_ROW = {"torch": 12, "triton": 2, "native": 2}
+_CAST_TEMPS = 2
+
+
+def default_chunk_rows(n_rows: int, vocab: int, device: torch.device, backend: str,
+                       dtype: torch.dtype = torch.float32, head_grad_bytes: int = 0) -> int:
+    """Rows per chunk so that the chunk temporaries fit MINILLM_FAST_CHUNK_BYTES when set, else the larger of
+    DEFAULT_CHUNK_BYTES and ``head_grad_bytes`` (the size of the fp32 head gradient the chunks accumulate into).
+
+    Why the second term: every chunk reads and writes the whole ``[V, H]`` head gradient once (its ``addmm_``), so
+    chunks whose logits are much smaller than that gradient spend their time streaming it. Logits about as large as
+    the gradient keep that traffic a small part of the chunk's matmuls, for at most the memory of the gradient the
+    caller holds anyway (measured on CPU at N=512, H=1024/2048, V=128256: 128 MiB chunks 1.33x the floor, 1.27x
+    for Liger's chunked loss; chunks of the 512 MiB gradient's size are faster, see bench/README.md)."""
+    env = os.environ.get("MINILLM_FAST_CHUNK_BYTES")
+    budget = int(env) if env else max(DEFAULT_CHUNK_BYTES.get(device.type, 1 << 30), head_grad_bytes)
+    full = dtype in (torch.float32, torch.float64)
+    temps = _TEMPS_PER_ROW.get(backend, 12) + (0 if full else _CAST_TEMPS)
+    per_row = vocab * (8 if dtype == torch.float64 else 4) * temps
+    return max(1, min(n_rows, budget // per_row))
+
+
+def chunk_rows(chunk_size, n: int, vocab: int, device: torch.device, backend: str,
+               dtype: torch.dtype = torch.float32, head_grad_bytes: int = 0) -> int:
+    """Rows per chunk: ``chunk_size`` (checked), or what :func:`default_chunk_rows` makes of the chunk budget."""
+    if chunk_size is None:
+        return default_chunk_rows(n, vocab, device, backend, dtype, head_grad_bytes=head_grad_bytes)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    return chunk_size
+
+
+def row_chunks(n: int, size: int):
+    """``slice``s of ``size`` rows covering ``range(n)``."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def out_dtype(h: torch.Tensor) -> torch.dtype:
+    """Per-row outputs are float32, float64 for float64 inputs (torch and native backends)."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
+class Needs(NamedTuple):
+    """Which of the six inputs of a two-model op want a gradient."""
+
+    student_hidden: bool = False
+    student_weight: bool = False
+    student_bias: bool = False
+    teacher_hidden: bool = False
+    teacher_weight: bool = False
+    teacher_bias: bool = False
+
+    @property
+    def student(self) -> tuple[bool, bool, bool]:
+        return self[:3]
+
+    @property
+    def teacher(self) -> tuple[bool, bool, bool]:
+        return self[3:]
+
+
+class Stats(NamedTuple):
+    """Column indices of the per-row statistics ``stats [N, 6]`` of the fused divergence: each model's row max and
+    ``log sum e^(x - max)`` (kept apart: kernels/fused_divergence.py explains why), and the gradient constants
+    ``c_s = sum_v q*g``, ``c_t = sum_v p*h``."""
+
+    m_s: int = 0
+    log_l_s: int = 1
+    m_t: int = 2
+    log_l_t: int = 3
+    c_s: int = 4
+    c_t: int = 5
+
+
+STATS = Stats()
 
 
 @dataclass(frozen=True)
@@ -47,63 +134,41 @@ class DivergenceConfig:
                     softcap=(self.student.softcap, self.teacher.softcap))
 
 
-# A rows function: (zs [C, V], zt [C, V], row_grad [C] | None, cfg, grad_s, grad_t) -> (loss [C], stats [C, 6],
-# dL/dzs [C, V] | None, dL/dzt [C, V] | None). It may overwrite zs and zt. stats = (m_s, log l_s, m_t, log l_t, c_s,
-# c_t): row max and log-sum-exp about it, kept apart (kernels/fused_divergence.py explains why), and the sums of q*g
-# and p*h. A rows function with the attribute ``vocab_major = True`` is handed chunks laid out vocabulary-major (the
-# [C, V] transpose of a row-major [V, C], see ChunkLogits) and returns its gradients in that layout.
-RowsFn = Callable[..., tuple]
+@dataclass(frozen=True)
+class Rows:
+    """A backend's rows function of the fused divergence and the chunk layout it takes.
+
+    ``fn(zs [C, V], zt [C, V], row_grad [C] | None, cfg, grad_s, grad_t) -> (loss [C], stats [C, 6], dL/dzs | None,
+    dL/dzt | None)``; it may overwrite zs and zt (the gradients are returned in their buffers). ``vocab_major``:
+    the chunks are handed over vocabulary-major (the [C, V] transpose of a row-major [V, C], see ChunkLogits) and
+    the gradients come back in that layout."""
+
+    fn: Callable
+    vocab_major: bool = False
 
 
-def torch_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg: DivergenceConfig,
-               grad_s: bool, grad_t: bool):
-    """The rows function in plain PyTorch (closed-form gradients of divergences.terms)."""
-    (s, cap_s), (t, cap_t) = cfg.student.apply(zs), cfg.teacher.apply(zt)
-    m_s, m_t = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
-    # (s - m) - log l, never s - lse: lse is rounded at the size of the largest logit
-    ll_s = torch.log(torch.exp(s - m_s).sum(-1, keepdim=True))
-    ll_t = torch.log(torch.exp(t - m_t).sum(-1, keepdim=True))
-    lq, lp = (s - m_s) - ll_s, (t - m_t) - ll_t
-    phi, qg, ph = divergences.terms(lq, lp, cfg.div)
-    loss, c_s, c_t = phi.sum(-1), qg.sum(-1), ph.sum(-1)
-    stats = torch.cat([m_s, ll_s, m_t, ll_t, c_s[:, None], c_t[:, None]], dim=1)
-    g_s = g_t = None
-    if grad_s:
-        g_s = (qg - lq.exp() * c_s[:, None]) * (row_grad * cfg.student.inv_temp)[:, None]
-        if cap_s is not None:
-            g_s = g_s * (1 - cap_s * cap_s)
-    if grad_t:
-        g_t = (ph - lp.exp() * c_t[:, None]) * (row_grad * cfg.teacher.inv_temp)[:, None]
-        if cap_t is not None:
-            g_t = g_t * (1 - cap_t * cap_t)
-    return loss, stats, g_s, g_t
-
-
-def triton_rows(zs, zt, row_grad, cfg: DivergenceConfig, grad_s: bool, grad_t: bool):
-    from .backends import triton_kernels
-
-    if row_grad is None:
-        row_grad = zs.new_zeros(zs.shape[0])
-    return triton_kernels().divergence_rows(zs, zt, row_grad.float().contiguous(), grad_s=grad_s, grad_t=grad_t,
-                                            **cfg.triton_args)
-
-
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def chunk_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     """Logits ``[C, V]`` of one chunk: the matmul in the inputs' dtype, then fp32 (fp64 for fp64 inputs)."""
     z = h @ w.T if b is None else torch.addmm(b, h, w.T)
-    return z.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+    return z.to(out_dtype(h))
+
+
+def scaled_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], vocab_size: int, scaling: Scaling):
+    """``[C, V]`` logits ``softcap(a (h W[:V]^T + b[:V])) / T`` of the model's ``scaling`` in fp32 (fp64 for fp64
+    inputs), and the softcap's tanh (None without a softcap; the derivative is ``inv_temp (1 - tanh^2)``)."""
+    return scaling.apply(chunk_logits(h, w[:vocab_size], None if b is None else b[:vocab_size]))
 
 
 class ChunkLogits:
     """Raw logits ``h W[:V]^T + b[:V]`` ``[C, V]`` of successive row chunks, in fp32 (fp64 for fp64 inputs), as
-    ``_chunk_logits`` computes them, written into one buffer of ``rows`` rows that every chunk reuses: the rows
+    :func:`chunk_logits` computes them, written into one buffer of ``rows`` rows that every chunk reuses: the rows
     functions may overwrite it in place, and a fresh ``[C, V]`` per chunk would hold a third buffer while the last
     chunk's is still referenced, and cost its page faults again each time. A returned chunk is valid until the next
     call.
 
     ``vocab_major``: the chunk is computed as ``W h^T`` into a row-major ``[V, C]`` buffer and returned as its
     transpose (a ``[C, V]`` view with strides ``(1, C)``), for rows functions that take that layout
-    (``rows_fn.vocab_major``, the native CPU kernel): on CPU, MKL runs ``W h^T`` and the gradient matmuls on a
+    (``Rows.vocab_major``, the native CPU kernel): on CPU, MKL runs ``W h^T`` and the gradient matmuls on a
     ``[V, C]`` G at the speed of the full-size matmuls, where ``h W^T`` loses ~5% at a few hundred rows
     (bench/README.md, "Chunk layout")."""
 
@@ -131,7 +196,7 @@ class ChunkLogits:
         return out.T if self.vocab_major else out
 
 
-class _HeadGrads:
+class HeadGrads:
     """Gradient buffers of one model (hidden, head, bias), accumulated in fp32 (fp64 for fp64 inputs)."""
 
     def __init__(self, h, w, b, needs, vocab_size):
@@ -181,34 +246,37 @@ class _HeadGrads:
                 None if self.gb is None else self.gb.to(self.w_dtype))
 
 
-def run(hs, ws, bs, ht, wt, bt, cfg: DivergenceConfig, *, rows_fn: RowsFn, chunk_size: int,
-        row_grad: Optional[torch.Tensor], needs: tuple, want_loss: bool = True):
+def run(hs, ws, bs, ht, wt, bt, cfg: DivergenceConfig, *, rows: Rows, chunk_size: int,
+        row_grad: Optional[torch.Tensor], needs: Needs, want_loss: bool = True,
+        saved_stats: Optional[torch.Tensor] = None):
     """One sweep over the rows, chunk by chunk.
 
     hs [N, HS], ws [V_pad, HS], bs [V_pad] | None, likewise the teacher; row_grad [N] fp32 (the upstream gradient of
     each row's loss: row scales in a forward that computes gradients, upstream x scales in a backward) or None.
-    needs: six bools (grads of hs, ws, bs, ht, wt, bt). Returns ``loss [N]`` and ``stats [N, 6]`` (or None when not
+    needs: :class:`Needs` (which of hs, ws, bs, ht, wt, bt want a gradient). ``saved_stats`` (of an earlier forward) is
+    not needed: the chunks recompute what they use (the signature is the one every fused-divergence implementation
+    has, minillm_fast/dispatch.py). Returns ``loss [N]`` and ``stats [N, 6]`` (or None when not
     want_loss) and the six gradients (None where not needed).
     """
     n, v = hs.shape[0], cfg.vocab_size
-    f = torch.float64 if hs.dtype == torch.float64 else torch.float32
+    f = out_dtype(hs)
+    needs = Needs(*needs)
     loss = torch.empty(n, dtype=f, device=hs.device) if want_loss else None
     stats = torch.empty(n, 6, dtype=f, device=hs.device) if want_loss else None
-    student = _HeadGrads(hs, ws, bs, needs[:3], v)
-    teacher = _HeadGrads(ht, wt, bt, needs[3:], v)
-    vocab_major = getattr(rows_fn, "vocab_major", False)
+    student = HeadGrads(hs, ws, bs, needs.student, v)
+    teacher = HeadGrads(ht, wt, bt, needs.teacher, v)
+    vocab_major = rows.vocab_major
     student_logits = ChunkLogits(ws, bs, v, min(chunk_size, n), f, vocab_major)
     teacher_logits = ChunkLogits(wt, bt, v, min(chunk_size, n), f, vocab_major)
-    for start in range(0, n, chunk_size):
-        rows = slice(start, min(start + chunk_size, n))
-        zs, zt = student_logits(hs[rows]), teacher_logits(ht[rows])
-        rg = None if row_grad is None else row_grad[rows]
-        l_c, st_c, g_s, g_t = rows_fn(zs, zt, rg, cfg, student.any, teacher.any)
+    for chunk in row_chunks(n, chunk_size):
+        zs, zt = student_logits(hs[chunk]), teacher_logits(ht[chunk])
+        rg = None if row_grad is None else row_grad[chunk]
+        l_c, st_c, g_s, g_t = rows.fn(zs, zt, rg, cfg, student.any, teacher.any)
         if want_loss:
-            loss[rows] = l_c
-            stats[rows] = st_c
+            loss[chunk] = l_c
+            stats[chunk] = st_c
         if g_s is not None:
-            student.add(rows, g_s)
+            student.add(chunk, g_s)
         if g_t is not None:
-            teacher.add(rows, g_t)
+            teacher.add(chunk, g_t)
     return loss, stats, (*student.result(), *teacher.result())

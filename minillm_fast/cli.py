@@ -3,8 +3,8 @@
   demo      the built-in default job
   distill   SFT / KD / SeqKD / MiniLLM distillation from a YAML config (minillm_fast/distill/)
   evaluate  sampled responses, Rouge-L and exact match over seeds
-  bench     microbenchmarks of bench/ against the naive reference, Liger-Kernel and the matmul floor
 
+The microbenchmarks are not part of the package: `python -m bench` from a source checkout (bench/README.md).
 Each subcommand has its own ``--help``. ``--debug`` (anywhere on the line) shows the traceback of an error that is
 otherwise reported in one paragraph.
 """
@@ -38,23 +38,7 @@ def _evaluate(argv: list) -> int:
     return evaluate_main(argv)
 
 
-def _bench(argv: list) -> int:
-    """Forward to bench/cli.py, which lives in the source checkout beside the package (not installed with it)."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if (root / "bench" / "cli.py").exists() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from bench.cli import main as bench_main
-    except ImportError as e:
-        print(f"minillm-fast bench: the benchmarks ship with the source checkout (bench/ beside minillm_fast/); "
-              f"install from a clone with `pip install -e .[bench]` ({e})", file=sys.stderr)
-        return 2
-    return bench_main(argv)
-
-
-COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate, "bench": _bench}
+COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate}
 
 
 def _user_error(e: BaseException) -> bool:
@@ -96,6 +80,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] == "bench":
+        print("minillm-fast: the benchmarks ship with the source checkout, not the package: run `python -m bench` "
+              "there (bench/README.md)", file=sys.stderr)
+        return EXIT_USER_ERROR
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):

@@ -21,10 +21,11 @@ says so. The first-use message names the build folder. Nothing is cleaned up aut
 harmless and can be deleted.
 
 What it holds. ``divergence_rows`` (fused_divergence_cpu.cpp, the module's pybind function: the rows function of the
-chunked fused divergence, :func:`native_rows`) and the row kernels of the other ops, registered as torch.library ops
+chunked fused divergence) and the row kernels of the other ops, registered as torch.library ops
 ``torch.ops.minillm_fast_native.*`` (:func:`ops`): ``token_logprobs_fwd_rows`` / ``_bwd_rows`` and
 ``rollout_statistics_rows`` (token_stats_cpu.cpp), ``mixture_sample_rows`` (sampling_cpu.cpp). Each takes one
-chunk's logits ``[C, V]``; the chunk loops and matmuls are Python's (minillm_fast/ops/).
+chunk's logits ``[C, V]``; the chunk loops and matmuls are Python's (minillm_fast/backends/native.py, the backend
+that calls them; this module only builds and loads the extension).
 
 Instruction set. The kernels are written with ``at::vec::Vectorized``, whose width is fixed when the file is compiled
 (by ``CPU_CAPABILITY`` and the ``-m`` flags). The extension is built for the capability ATen itself runs with on this
@@ -358,25 +359,3 @@ def ops():
     (registered with torch.library when the extension loads; building it on first use)."""
     load()
     return getattr(torch.ops, OPS_NAMESPACE)
-
-
-def native_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg, grad_s: bool,
-                grad_t: bool):
-    """The rows function of the chunked strategy (see minillm_fast/chunked.py) in C++: zs, zt [C, V] float32 or
-    float64 CPU chunk logits, overwritten in place, either with contiguous rows or vocabulary-major (the transpose of
-    a row-major [V, C], which is how chunked.run hands them over: ``vocab_major`` below). Returns loss [C], stats
-    [C, 6] and dL/dzs, dL/dzt (the overwritten buffers, in their layout) where asked, else None."""
-    zs, zt = _rows_or_columns(zs), _rows_or_columns(zt)
-    loss, stats = load().divergence_rows(zs, zt, row_grad, grad_s=grad_s, grad_t=grad_t, **cfg.kernel_args)
-    return loss, stats, (zs if grad_s else None), (zt if grad_t else None)
-
-
-# chunked.run computes the chunks as W h^T for this rows function: the faster matmuls on CPU (ChunkLogits explains)
-native_rows.vocab_major = True
-
-
-def _rows_or_columns(z: torch.Tensor) -> torch.Tensor:
-    """z itself when its rows or its columns are contiguous (the two layouts the C++ kernel takes), else a copy."""
-    if z.stride(-1) == 1 or (z.dim() == 2 and z.stride(0) == 1 and z.stride(1) >= z.shape[0]):
-        return z
-    return z.contiguous()

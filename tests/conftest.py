@@ -3,7 +3,7 @@
 * Without CUDA, Triton kernels run on CPU tensors under the interpreter: ``TRITON_INTERPRET=1`` must be set before
   triton (and so minillm_fast's kernels) is imported, which is why it is the first thing this file does.
 * ``impl`` is parametrised over every (backend, strategy) pair that can run on this machine, found by asking
-  ``minillm_fast.backends.resolve`` (a backend added later, such as ``native``, is picked up when it resolves).
+  ``minillm_fast.dispatch.resolve`` (a backend added later, such as ``native``, is picked up when it resolves).
 * Every test runs with ``torch.empty`` / ``torch.empty_like`` / ``Tensor.new_empty`` returning NaN-filled floating
   point tensors, so an output element that a kernel forgets to write shows up as NaN.
 * ``@pytest.mark.gpu`` tests are skipped at setup (not at import) when CUDA is unavailable.

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():  # conftest sets it first; kept here for a sta
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import minillm_fast  # noqa: E402
-from minillm_fast import backends, reference  # noqa: E402
+from minillm_fast import dispatch, reference  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
@@ -45,7 +45,7 @@ def available_impls(device: torch.device = DEVICE) -> list[tuple[str, str]]:
     impls = [("torch", "chunked")]
     for backend, strategies in (("triton", ("chunked", "tiled")), ("native", ("chunked",))):
         try:
-            backends.resolve(backend, device)
+            dispatch.resolve(backend, device)
         except Exception:  # noqa: BLE001 - not installed / not built / no CUDA: not parametrised
             continue
         impls += [(backend, s) for s in strategies]

@@ -79,9 +79,14 @@ def test_quick_writes_plots_and_a_table(quick_run):
     assert "x floor" in stdout and "ours:torch" in stdout
 
 
-def test_cli_forwards_to_bench():
+def test_package_cli_points_to_the_checkout_bench():
+    """The package never imports the repository's bench/ (it is not installed with it): ``minillm-fast bench`` says
+    where the benchmarks are, in one line, exit 2."""
     proc = subprocess.run([sys.executable, "-m", "minillm_fast", "bench", "--list"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
+    assert proc.returncode == 2 and "python -m bench" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "issue3" in proc.stdout and "liger-cpu" in proc.stdout and "fused_divergence" in proc.stdout
 

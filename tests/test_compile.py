@@ -50,7 +50,8 @@ def test_opcheck_fwd(backend, strategy, divergence, bias, grads, gen):
     if not _available(backend, strategy):
         pytest.skip(f"{backend}-{strategy} not available on this machine")
     tensors, row_scale, scalars = _op_args(gen, backend, strategy, divergence, bias)
-    torch.library.opcheck(FWD, (*tensors, row_scale, *scalars, grads))
+    # reduce=True exactly when gradients are made in the forward, as fused_divergence calls it
+    torch.library.opcheck(FWD, (*tensors, row_scale, *scalars, grads, any(grads)))
 
 
 @pytest.mark.parametrize("backend, strategy, divergence, bias, grads", CASES, ids=CASE_IDS)
@@ -58,7 +59,7 @@ def test_opcheck_bwd(backend, strategy, divergence, bias, grads, gen):
     if not _available(backend, strategy):
         pytest.skip(f"{backend}-{strategy} not available on this machine")
     tensors, row_scale, scalars = _op_args(gen, backend, strategy, divergence, bias)
-    _, stats, *_ = FWD(*tensors, row_scale, *scalars, [False] * 6)
+    _, stats, *_ = FWD(*tensors, row_scale, *scalars, [False] * 6, False)
     torch.library.opcheck(BWD, (*tensors, stats, row_scale * 0.5, *scalars, grads))
 
 
@@ -72,10 +73,10 @@ def test_fake_strides_match_real_on_transposed_inputs(backend, strategy, op, gen
     assert hs.stride() == (1, hs.shape[0]) and ws.stride() == (1, ws.shape[0])
     scalars = (*scalars[:4], backend, strategy, *scalars[6:])
     if op == "fwd":
-        args = (hs, ws, bs, ht, wt, bt, row_scale, *scalars, [True] * 6)
+        args = (hs, ws, bs, ht, wt, bt, row_scale, *scalars, [True] * 6, True)
         fn = FWD
     else:
-        _, stats, *_ = FWD(hs, ws, bs, ht, wt, bt, row_scale, *scalars, [False] * 6)
+        _, stats, *_ = FWD(hs, ws, bs, ht, wt, bt, row_scale, *scalars, [False] * 6, False)
         args = (hs, ws, bs, ht, wt, bt, stats, row_scale, *scalars, [True] * 6)
         fn = BWD
     torch.library.opcheck(fn, args, test_utils=("test_schema", "test_faketensor"))

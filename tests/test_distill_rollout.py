@@ -137,7 +137,8 @@ class _NoVocabTensors(TorchDispatchMode):
 def _record_chunks(monkeypatch) -> list:
     """Rows of every vocabulary-wide block the fused ops make inside (torch backend: the scaled logits of a chunk;
     native backend: the chunk size it is handed)."""
-    from minillm_fast.ops import fused_divergence, sampling, token_logprobs
+    from minillm_fast import chunked
+    from minillm_fast.backends import torch as torch_backend
 
     rows = []
 
@@ -147,15 +148,14 @@ def _record_chunks(monkeypatch) -> list:
             return real(h, *a, **k)
         return scaled_logits
 
-    for mod in (sampling, token_logprobs):
-        monkeypatch.setattr(mod, "scaled_logits", wrap_logits(mod.scaled_logits))
-    real_rows = fused_divergence.default_chunk_rows
+    monkeypatch.setattr(torch_backend, "scaled_logits", wrap_logits(torch_backend.scaled_logits))
+    real_rows = chunked.default_chunk_rows
 
     def default_chunk_rows(*a, **k):
         rows.append(real_rows(*a, **k))
         return rows[-1]
 
-    monkeypatch.setattr(fused_divergence, "default_chunk_rows", default_chunk_rows)
+    monkeypatch.setattr(chunked, "default_chunk_rows", default_chunk_rows)
     return rows
 
 

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import minillm_fast
-from helpers import (DEVICE, DIVERGENCES, IMPL_IDS, IMPLS, REDUCTIONS, STUDENT, TENSOR_NAMES, check_op, fused,
-                     labels_with_ignored, make_inputs, randn, run)
+from helpers import (DEVICE, DIVERGENCES, IMPL_IDS, IMPLS, REDUCTIONS, STUDENT, TENSOR_NAMES, Result,
+                     assert_within_budget, cancellation_scales, check_op, fused, ground_truth_and_naive,
+                     labels_with_ignored, make_inputs, randn, run, tvd_ties, untie_tvd)
 from minillm_fast import FusedDivergenceLoss, fused_divergence, fused_reverse_kl, reference
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -43,7 +44,7 @@ def test_nan_poisoning_is_active():
 
 def test_torch_backend_always_parametrised():
     assert ("torch", "chunked") in IMPLS
-    if minillm_fast.backends.triton_available(DEVICE):
+    if minillm_fast.dispatch.triton_available(DEVICE):
         assert ("triton", "chunked") in IMPLS and ("triton", "tiled") in IMPLS
 
 
@@ -57,6 +58,8 @@ def test_matrix(impl, divergence, reduction, temperature, gen):
     backend, strategy = impl
     n = 21  # N=21 rows (2 row tiles of 16, 3 row blocks of 8), Hs=24, Ht=40, V=131: no multiple of any tile
     x = make_inputs(gen, n=n, hs=24, ht=40, v=131)
+    if divergence == "tvd":
+        x = untie_tvd(gen, x, temperature=temperature)  # no q ~= p within rounding, where sign(q - p) is a coin flip
     # gradients of both hidden states and the student head: every divergence's student and teacher formulas
     out, truth = check_op(x, STUDENT + ("teacher_hidden",), backend=backend, strategy=strategy, divergence=divergence,
                           reduction=reduction, temperature=temperature, upstream=_upstream(gen, reduction, (n,)))
@@ -214,6 +217,8 @@ def test_extreme_temperature(impl, temperature, divergence, gen):
     regime. Per-row losses and upstream: the budget compares maxima over rows, not one rounded scalar.
     """
     x = make_inputs(gen, **SHAPE, logit_std=3.0 * temperature)
+    if divergence == "tvd":
+        x = untie_tvd(gen, x, temperature=temperature)
     check_op(x, STUDENT, backend=impl[0], strategy=impl[1], divergence=divergence, temperature=temperature,
              reduction="none", upstream=randn(gen, SHAPE["n"]))
 
@@ -273,6 +278,8 @@ def test_padded_vocab(impl, gen):
 def test_half_precision(impl, divergence, dtype, gen):
     """bf16 / fp16 inputs: the same budget rule, so looser by exactly as much as PyTorch's own error grows."""
     x = make_inputs(gen, **SHAPE, bias=True, dtype=dtype)
+    if divergence == "tvd":  # fp16 logits: q and p within ~1e-3 of each other make sign(q - p) a coin flip
+        x = untie_tvd(gen, x)
     check_op(x, STUDENT + ("student_bias",), backend=impl[0], strategy=impl[1], divergence=divergence)
 
 
@@ -371,6 +378,75 @@ def test_loss_module_without_bias(gen):
     expected = fused_divergence(h_s, student.weight, h_t, teacher.weight, divergence="tvd", backend="torch",
                                 reduction="none")
     assert torch.equal(loss, expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the budget itself (helpers.py): its slack follows what cancels, and it still fails wrong results
+# ----------------------------------------------------------------------------------------------------------------------
+def _huge_logit_inputs(gen):
+    x = make_inputs(gen, **SHAPE)
+    for k in ("student_hidden", "teacher_hidden"):
+        x[k] = x[k] * 3e3  # logits ~1e4: one-hot rows, as test_huge_logits
+    return x
+
+
+@pytest.mark.parametrize("case", ["plain", "one_hot"])
+def test_cancellation_scales(case, gen):
+    """Every gradient's scale is at least |truth|, elementwise; with plain inputs it is of the truth's order; in
+    one-hot rows the student's true gradients are ~1e-16 or 0 while their scales stay at |q g| |W| ~ 1 (hidden
+    states) and |q g| |h| ~ 1e4 (head; hidden states ~3e3)."""
+    x = make_inputs(gen, **SHAPE, bias=True) if case == "plain" else _huge_logit_inputs(gen)
+    names = TENSOR_NAMES if case == "plain" else STUDENT + ("teacher_hidden",)
+    kw = dict(divergence="skew_reverse_kl", reduction="none", temperature=1.5, upstream=randn(gen, SHAPE["n"]))
+    truth = run(reference.fused_divergence, x, names, cast=torch.float64, **kw)
+    scales = cancellation_scales(x, names, **kw)
+    assert scales.keys() == {f"grad {k}" for k in names}
+    for k in names:
+        t, sc = truth.grads[k].abs(), scales[f"grad {k}"]
+        assert sc.shape == t.shape and (sc >= t * (1 - 1e-12)).all(), k
+        if case == "plain":
+            assert sc.max() < 100 * t.max(), k
+        elif k == "student_hidden":
+            assert 0.1 < sc.max() < 1e3 and t.max() < 1e-6 * sc.max(), (sc.max().item(), t.max().item())
+        elif k == "student_weight":
+            assert 1e2 < sc.max() < 1e7 and t.max() < 1e-6 * sc.max(), (sc.max().item(), t.max().item())
+
+
+@pytest.mark.parametrize("case", ["plain", "one_hot"])
+def test_budget_fails_wrong_gradients(case, gen):
+    """The budget passes the torch backend's result and fails it once any one gradient is offset by 1e-5 of its
+    natural scale (max of its cancellation scale, ~1 for hidden states; 1e-5 absolute in the plain case too) or,
+    where the gradient is not ~0, scaled by 1.001: in the one-hot regime the slack is one fp32 rounding of what
+    cancels (~1e-7 of that scale), no blanket tolerance."""
+    x = make_inputs(gen, **SHAPE) if case == "plain" else _huge_logit_inputs(gen)
+    names = STUDENT + ("teacher_hidden",)
+    kw = dict(divergence="skew_reverse_kl", reduction="sum")
+    truth, naive = ground_truth_and_naive(x, names, **kw)
+    scales = cancellation_scales(x, names, **kw)
+    good = fused(x, names, backend="torch", strategy="chunked", **kw)
+    assert_within_budget(good, truth, naive, torch.float32, scales=scales)
+    for name in names:
+        offset = 1e-5 * max(1.0, scales[f"grad {name}"].max().item())
+        wrongs = [lambda g: g + offset] + ([lambda g: g * 1.001] if case == "plain" else [])
+        for wrong in wrongs:
+            bad = Result(good.out, {**good.grads, name: wrong(good.grads[name])})
+            with pytest.raises(AssertionError, match=f"grad {name}: error"):
+                assert_within_budget(bad, truth, naive, torch.float32, scales=scales)
+
+
+def test_untie_tvd(gen):
+    """tvd_ties finds exact and near ties (the teacher a copy of the student, then nudged by less than fp16
+    rounding), and untie_tvd redraws the teacher rows that have one."""
+    x = make_inputs(gen, n=5, hs=8, ht=8, v=19, dtype=torch.float16)
+    x["teacher_hidden"], x["teacher_weight"] = x["student_hidden"].clone(), x["student_weight"].clone()
+    x["teacher_hidden"][1:3] *= 1.0 + 2 ** -9  # about an fp16 ulp: still within the rounding of the logits
+    x["teacher_hidden"][3:] = randn(gen, 2, 8, scale=3.0, dtype=torch.float16)
+    ties = tvd_ties(x)
+    assert ties[:3].all()
+    y = untie_tvd(gen, x)
+    assert not tvd_ties(y).any()
+    assert torch.equal(y["teacher_hidden"][~ties], x["teacher_hidden"][~ties])
+    assert torch.equal(y["student_hidden"], x["student_hidden"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

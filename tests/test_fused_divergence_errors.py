@@ -8,7 +8,7 @@ import torch
 
 from helpers import DEVICE, IMPLS, make_inputs
 from minillm_fast import FusedDivergenceLoss, fused_divergence, fused_reverse_kl
-from minillm_fast.backends import ENV_VAR
+from minillm_fast.dispatch import ENV_VAR
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from helpers import assert_rows_within_budget, max_err, small_term
-from minillm_fast import backends, chunked, divergences, native
+from minillm_fast import dispatch, divergences, native
+from minillm_fast.backends import native as native_backend, torch as torch_backend
 from minillm_fast.chunked import DivergenceConfig
 from minillm_fast.scaling import Scaling
 
@@ -92,7 +93,7 @@ def _run(fn, zs, zt, row_grad, cfg, grad_s=True, grad_t=True, dtype=None, layout
     g_t)."""
     cast = (lambda x: x.clone()) if dtype is None else (lambda x: x.to(dtype).clone())
     zs, zt = cast(zs), cast(zt)
-    if fn is native.native_rows:
+    if fn is native_backend.divergence_rows:
         zs, zt = _laid_out(zs, layout), _laid_out(zt, layout)
         assert layout == "rows" or zs.shape[0] == 1 or zs.stride(0) == 1
     return fn(zs, zt, None if row_grad is None else cast(row_grad), cfg, grad_s, grad_t)
@@ -112,9 +113,9 @@ def test_rows_match_torch(ext, name, setting, v, layout):
     zs, zt, rg = _chunk(gen, 13, v)
     if name == "tvd":
         zt = _untie_tvd(zs, zt, cfg)
-    truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
-    naive = _run(chunked.torch_rows, zs, zt, rg, cfg)
-    got = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+    truth = _run(torch_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float64)
+    naive = _run(torch_backend.divergence_rows, zs, zt, rg, cfg)
+    got = _run(native_backend.divergence_rows, zs, zt, rg, cfg, layout=layout)
     assert_rows_within_budget(got, naive, truth, f"[{name} {setting} V={v} {layout}] ")
 
 
@@ -126,12 +127,12 @@ def test_large_offsets_and_peaked_rows(ext, name, layout):
     gen = torch.Generator().manual_seed(7)
     cfg = _cfg(name, vocab=777)
     zs, zt, rg = _chunk(gen, 6, 777, std=30.0, offset=1000.0)
-    truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
-    naive = _run(chunked.torch_rows, zs, zt, rg, cfg)
-    got = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+    truth = _run(torch_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float64)
+    naive = _run(torch_backend.divergence_rows, zs, zt, rg, cfg)
+    got = _run(native_backend.divergence_rows, zs, zt, rg, cfg, layout=layout)
     assert_rows_within_budget(got, naive, truth, f"[{name} offset {layout}] ")
     # The divergence does not depend on a per-row shift of either model's logits.
-    got0 = _run(native.native_rows, zs, zt - 1000.0, rg, cfg, layout=layout)
+    got0 = _run(native_backend.divergence_rows, zs, zt - 1000.0, rg, cfg, layout=layout)
     assert torch.allclose(got0[0], got[0], rtol=1e-5, atol=1e-4 * got[0].abs().max().item())
 
 
@@ -141,8 +142,8 @@ def test_float64(ext, name, layout):
     gen = torch.Generator().manual_seed(11)
     cfg = _cfg(name, 1.3, 7.0, 300)
     zs, zt, rg = _chunk(gen, 5, 300, dtype=torch.float64)
-    want = _run(chunked.torch_rows, zs, zt, rg, cfg)
-    got = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+    want = _run(torch_backend.divergence_rows, zs, zt, rg, cfg)
+    got = _run(native_backend.divergence_rows, zs, zt, rg, cfg, layout=layout)
     for x, w in zip(got, want):
         assert x.dtype == torch.float64
         torch.testing.assert_close(x, w, rtol=1e-11, atol=1e-12)
@@ -160,11 +161,11 @@ def test_rows_per_model_scaling(ext, name, setting, layout):
     zs, zt, rg = _chunk(gen, 13, 1031)
     if name == "tvd":
         zt = _untie_tvd(zs, zt, cfg)
-    truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
-    naive = _run(chunked.torch_rows, zs, zt, rg, cfg)
-    got = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+    truth = _run(torch_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float64)
+    naive = _run(torch_backend.divergence_rows, zs, zt, rg, cfg)
+    got = _run(native_backend.divergence_rows, zs, zt, rg, cfg, layout=layout)
     assert_rows_within_budget(got, naive, truth, f"[{name} {setting} {layout}] ")
-    got64 = _run(native.native_rows, zs, zt, rg, cfg, dtype=torch.float64, layout=layout)
+    got64 = _run(native_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float64, layout=layout)
     for what, x, w in zip(("loss", "stats", "g_s", "g_t"), got64, truth):
         assert x.dtype == torch.float64
         torch.testing.assert_close(x, w, rtol=1e-11, atol=1e-12, msg=lambda m: f"[{name} {setting} {layout}] "
@@ -177,9 +178,9 @@ def test_gradients_in_place_and_only_where_asked(ext, grad_s, grad_t, layout):
     gen = torch.Generator().manual_seed(3)
     cfg = _cfg("skew_reverse_kl", 1.0, 0.0, 200)
     zs, zt, rg = _chunk(gen, 4, 200)
-    want = chunked.torch_rows(zs.double(), zt.double(), rg.double(), cfg, True, True)
+    want = torch_backend.divergence_rows(zs.double(), zt.double(), rg.double(), cfg, True, True)
     bs, bt = _laid_out(zs.clone(), layout), _laid_out(zt.clone(), layout)
-    loss, stats, g_s, g_t = native.native_rows(bs, bt, rg if (grad_s or grad_t) else None, cfg, grad_s, grad_t)
+    loss, stats, g_s, g_t = native_backend.divergence_rows(bs, bt, rg if (grad_s or grad_t) else None, cfg, grad_s, grad_t)
     assert (g_s is bs) == grad_s and (g_s is None) != grad_s
     assert (g_t is bt) == grad_t and (g_t is None) != grad_t
     torch.testing.assert_close(loss.double(), want[0], rtol=1e-5, atol=1e-6)
@@ -199,7 +200,7 @@ def test_zero_row_grad_gives_zero_gradient_rows(ext, layout):
     cfg = _cfg("tvd", 1.0, 0.0, 100)
     zs, zt, rg = _chunk(gen, 6, 100)
     rg[::2] = 0.0
-    _, _, g_s, g_t = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+    _, _, g_s, g_t = _run(native_backend.divergence_rows, zs, zt, rg, cfg, layout=layout)
     assert torch.equal(g_s[::2], torch.zeros_like(g_s[::2])) and torch.equal(g_t[::2], torch.zeros_like(g_t[::2]))
     assert (g_s[1::2] != 0).any()
 
@@ -210,7 +211,7 @@ def test_nan_stays_in_its_row(ext, layout):
     cfg = _cfg("reverse_kl", 1.0, 0.0, 600)
     zs, zt, rg = _chunk(gen, 20, 600)  # 20 rows: in the column layout, rows 0-15 share one lane group
     zs[2, 555] = float("nan")
-    loss, stats, g_s, _ = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+    loss, stats, g_s, _ = _run(native_backend.divergence_rows, zs, zt, rg, cfg, layout=layout)
     assert torch.isnan(loss[2]) and torch.isnan(g_s[2]).all()
     keep = [r for r in range(20) if r != 2]
     assert torch.isfinite(loss[keep]).all() and torch.isfinite(stats[keep]).all() and torch.isfinite(g_s[keep]).all()
@@ -228,9 +229,9 @@ def test_independent_of_thread_count_and_chunking(ext, name, layout):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+        one = _run(native_backend.divergence_rows, zs, zt, rg, cfg, layout=layout)
         torch.set_num_threads(max(2, before))
-        many = _run(native.native_rows, zs, zt, rg, cfg, layout=layout)
+        many = _run(native_backend.divergence_rows, zs, zt, rg, cfg, layout=layout)
     finally:
         torch.set_num_threads(before)
     for a, b in zip(one, many):
@@ -238,7 +239,7 @@ def test_independent_of_thread_count_and_chunking(ext, name, layout):
     # a row's result does not depend on which chunk it is in (columns: rows 40-56 of a [1031, 96] buffer, ld 96,
     # starting mid lane group)
     zs_l, zt_l = _laid_out(zs, layout), _laid_out(zt, layout)
-    part = native.native_rows(zs_l[40:57].clone() if layout == "rows" else zs_l[40:57],
+    part = native_backend.divergence_rows(zs_l[40:57].clone() if layout == "rows" else zs_l[40:57],
                               zt_l[40:57].clone() if layout == "rows" else zt_l[40:57], rg[40:57], cfg, True, True)
     for a, b in zip(part, many):
         assert torch.equal(a, b[40:57])
@@ -432,18 +433,18 @@ def test_empty_chunk(ext):
 def test_resolves_on_cpu(ext, monkeypatch):
     cpu = torch.device("cpu")
     assert ext.capability() == native.capability()
-    assert backends.resolve("native", cpu) == "native"
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    assert backends.resolve("auto", cpu) == "native"
-    monkeypatch.setenv(backends.ENV_VAR, "native")
-    assert backends.resolve("auto", cpu) == "native"
-    monkeypatch.setenv(backends.ENV_VAR, "torch")
-    assert backends.resolve("auto", cpu) == "torch"
+    assert dispatch.resolve("native", cpu) == "native"
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.resolve("auto", cpu) == "native"
+    monkeypatch.setenv(dispatch.ENV_VAR, "native")
+    assert dispatch.resolve("auto", cpu) == "native"
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.resolve("auto", cpu) == "torch"
 
 
 def test_not_on_cuda_tensors():
     with pytest.raises(RuntimeError, match="CPU tensors only"):
-        backends.resolve("native", torch.device("cuda"))
+        dispatch.resolve("native", torch.device("cuda"))
 
 
 def test_end_to_end_float64(ext, monkeypatch):
@@ -472,10 +473,10 @@ def fresh_native_state(monkeypatch):
     aside and restored by monkeypatch, never loaded twice)."""
     monkeypatch.setattr(native, "_MODULE", None)
     native._load.cache_clear()
-    backends._native_for_auto.cache_clear()
+    dispatch._native_for_auto.cache_clear()
     yield
     native._load.cache_clear()
-    backends._native_for_auto.cache_clear()
+    dispatch._native_for_auto.cache_clear()
 
 
 def test_missing_compiler_message(monkeypatch, fresh_native_state):
@@ -485,7 +486,7 @@ def test_missing_compiler_message(monkeypatch, fresh_native_state):
         native.load()
     assert not native.is_available() and "compiler" in native.build_error()
     with pytest.raises(RuntimeError, match="backend='native' is not available: .*apt-get install g\\+\\+"):
-        backends.resolve("native", torch.device("cpu"))
+        dispatch.resolve("native", torch.device("cpu"))
 
 
 def test_missing_ninja_message(monkeypatch, fresh_native_state):
@@ -499,14 +500,14 @@ def test_missing_ninja_message(monkeypatch, fresh_native_state):
 
 def test_auto_falls_back_to_torch_with_one_warning(monkeypatch, fresh_native_state):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(native, "_import_prebuilt", lambda cap: None)
     cpu = torch.device("cpu")
     with pytest.warns(RuntimeWarning, match="falls back to 'torch'"):
-        assert backends.resolve("auto", cpu) == "torch"
+        assert dispatch.resolve("auto", cpu) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.resolve("auto", cpu) == "torch"  # said once
+        assert dispatch.resolve("auto", cpu) == "torch"  # said once
 
 
 def test_capability_flags_are_consistent():
@@ -515,3 +516,21 @@ def test_capability_flags_are_consistent():
     assert f"-DCPU_CAPABILITY={cap}" in native.cflags(cap)
     assert native.module_name(cap) == f"_native_{cap.lower()}"
     assert all((native.source_dir() / s).is_file() for s in native.SOURCES)
+
+
+def test_auto_on_cuda_warns_once_when_triton_cannot_be_imported(monkeypatch):
+    """On CUDA, ``auto`` falls back to torch when the kernels do not import, and says why once (naming the error)."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_triton_import_error", lambda: ImportError("No module named 'triton'"))
+    dispatch._triton_for_auto.cache_clear()
+    try:
+        cuda = torch.device("cuda")
+        with pytest.warns(RuntimeWarning, match=r"falls back to 'torch' on CUDA .*ImportError: No module named 'triton'"):
+            assert dispatch.resolve("auto", cuda) == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert dispatch.resolve("auto", cuda) == "torch"  # said once
+        with pytest.raises(RuntimeError, match="needs Triton"):
+            dispatch.resolve("triton", cuda)
+    finally:
+        dispatch._triton_for_auto.cache_clear()

@@ -37,6 +37,7 @@ import torch
 from helpers import (STUDENT, Result, assert_rows_within_budget, assert_within_budget, ground_truth_and_naive,
                      make_inputs, rounding_slack)
 from minillm_fast import chunked, divergences, native_cuda
+from minillm_fast.backends import torch as torch_backend
 from minillm_fast.chunked import DivergenceConfig
 from minillm_fast.scaling import Scaling
 
@@ -350,8 +351,8 @@ def test_rows_match_torch(kern, name, setting, v):
     zs, zt, rg = _chunk(gen, 13, v)
     if name == "tvd":
         zt = _untie_tvd(zs, zt, cfg)
-    truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
-    naive = _run(chunked.torch_rows, zs, zt, rg, cfg)
+    truth = _run(torch_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float64)
+    naive = _run(torch_backend.divergence_rows, zs, zt, rg, cfg)
     got = _run(kern.rows, zs, zt, rg, cfg, device=kern.device)
     assert_rows_within_budget(got, naive, truth, f"[{name} {setting} V={v}] ", slack=rounding_slack)
 
@@ -366,8 +367,8 @@ def test_half_precision_logits(kern, name, dtype):
     zs, zt, rg = _chunk(gen, 9, 1031, dtype=dtype)
     if name == "tvd":
         zt = _untie_tvd(zs, zt, cfg)
-    truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
-    loss, stats, g_s, g_t = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float32)
+    truth = _run(torch_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float64)
+    loss, stats, g_s, g_t = _run(torch_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float32)
     naive = (loss, stats, g_s.to(dtype), g_t.to(dtype))
     got = _run(kern.rows, zs, zt, rg, cfg, device=kern.device)
     assert got[0].dtype == torch.float32 and got[2].dtype == dtype
@@ -380,7 +381,7 @@ def test_float64(kern, name):
     cfg = _cfg(name, 1.3, 7.0, 300)
     zs, zt, rg = _chunk(gen, 5, 300, dtype=torch.float64)
     rg = rg.double()  # (torch_rows scales in row_grad's dtype)
-    want = _run(chunked.torch_rows, zs, zt, rg, cfg)
+    want = _run(torch_backend.divergence_rows, zs, zt, rg, cfg)
     got = _run(kern.rows, zs, zt, rg, cfg, device=kern.device)
     for x, w in zip(got, want):
         assert x.dtype == torch.float64
@@ -393,8 +394,8 @@ def test_large_offsets_and_peaked_rows(kern, name):
     gen = _seed(name, "offset")
     cfg = _cfg(name, vocab=777)
     zs, zt, rg = _chunk(gen, 6, 777, std=30.0, offset=1000.0)
-    truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
-    naive = _run(chunked.torch_rows, zs, zt, rg, cfg)
+    truth = _run(torch_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float64)
+    naive = _run(torch_backend.divergence_rows, zs, zt, rg, cfg)
     got = _run(kern.rows, zs, zt, rg, cfg, device=kern.device)
     assert_rows_within_budget(got, naive, truth, f"[{name} offset] ", slack=rounding_slack)
     got0 = _run(kern.rows, zs, zt - 1000.0, rg, cfg, device=kern.device)
@@ -407,7 +408,7 @@ def test_gradients_in_place_and_only_where_asked(kern, grad_s, grad_t, softcap):
     gen = _seed("inplace", grad_s, grad_t, softcap)
     cfg = _cfg("skew_reverse_kl", 1.0, softcap, 200)
     zs, zt, rg = _chunk(gen, 4, 200)
-    want = chunked.torch_rows(zs.double(), zt.double(), rg.double(), cfg, True, True)
+    want = torch_backend.divergence_rows(zs.double(), zt.double(), rg.double(), cfg, True, True)
     bs, bt = zs.to(kern.device), zt.to(kern.device)
     loss, stats, g_s, g_t = kern.rows(bs, bt, rg.to(kern.device) if (grad_s or grad_t) else None, cfg, grad_s, grad_t)
     assert (g_s is bs) == grad_s and (g_s is None) != grad_s
@@ -483,7 +484,7 @@ def test_end_to_end_through_chunked_run(kern, name, dtype):
     n = dev["student_hidden"].shape[0]
     loss, _, grads = chunked.run(dev["student_hidden"], dev["student_weight"], dev["student_bias"],
                                  dev["teacher_hidden"], dev["teacher_weight"], dev["teacher_bias"], cfg,
-                                 rows_fn=kern.rows, chunk_size=16, needs=(True, True, False, False, False, False),
+                                 rows=chunked.Rows(kern.rows), chunk_size=16, needs=(True, True, False, False, False, False),
                                  row_grad=torch.ones(n, device=kern.device))
     device = tensors["student_hidden"].device
     impl = Result(loss.sum().to(device), {"student_hidden": grads[0].to(device), "student_weight": grads[1].to(device)})
@@ -678,8 +679,8 @@ def test_cuda_large_vocabulary(cuda_ext, name):
     gen = _seed("large", name)
     cfg = _cfg(name, 1.0, 0.0, 128256)
     zs, zt, rg = _chunk(gen, 6, 128256)
-    truth = _run(chunked.torch_rows, zs, zt, rg, cfg, dtype=torch.float64)
-    naive = _run(chunked.torch_rows, zs, zt, rg, cfg)
+    truth = _run(torch_backend.divergence_rows, zs, zt, rg, cfg, dtype=torch.float64)
+    naive = _run(torch_backend.divergence_rows, zs, zt, rg, cfg)
     got = _run(native_cuda.cuda_rows, zs, zt, rg, cfg, device="cuda")
     assert_rows_within_budget(got, naive, truth, f"[{name} V=128256] ", slack=rounding_slack)
 

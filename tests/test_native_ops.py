@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from helpers import make_inputs, labels_with_ignored, randn
-from minillm_fast import backends, native, rollout_statistics, token_logprobs
-from minillm_fast.ops import token_logprobs as tlp_ops
+from minillm_fast import dispatch, native, rollout_statistics, token_logprobs
+from minillm_fast.backends import native as native_backend
 
 SMALL_ULPS = 8
 SETTINGS = {"plain": (1.0, 0.0), "T0.7-cap5": (0.7, 5.0), "T2.5": (2.5, 0.0)}  # (temperature, softcap)
@@ -353,13 +353,13 @@ OPS = ("token_logprobs", "rollout_statistics", "mixture_sample", "sample_tokens"
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_auto_runs_native_only_where_it_was_measured_faster(k, op, monkeypatch):
+def test_auto_runs_every_op_on_native_on_cpu(k, op, monkeypatch):
+    """One choice for every op (minillm_fast/dispatch.py): native on CPU under auto, unless the environment says."""
     cpu = torch.device("cpu")
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    assert tlp_ops.resolve_backend("auto", cpu, op) == ("native" if op in tlp_ops.NATIVE_AUTO_OPS else "torch")
-    # asked for by name or by the environment, native runs whatever auto prefers
-    assert tlp_ops.resolve_backend("native", cpu, op) == "native"
-    monkeypatch.setenv(backends.ENV_VAR, "native")
-    assert tlp_ops.resolve_backend("auto", cpu, op) == "native"
-    monkeypatch.setenv(backends.ENV_VAR, "torch")
-    assert tlp_ops.resolve_backend("auto", cpu, op) == "torch"
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.resolve("auto", cpu) == "native"
+    impl = {"token_logprobs": "token_logprobs_fwd", "sample_tokens": "mixture_sample"}.get(op, op)
+    assert dispatch.implementation(impl, "native") is native_backend.OPS[impl]
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.resolve("auto", cpu) == "torch"
+    assert dispatch.resolve("native", cpu) == "native"  # asked for by name, whatever the environment says

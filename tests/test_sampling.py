@@ -15,8 +15,7 @@ import torch
 from scipy.stats import chisquare
 
 from helpers import DEVICE, make_inputs, max_err, small_term
-from minillm_fast import MixtureSample, TokenSample, backends, mixture_sample, reference, sample_tokens
-from minillm_fast.ops.token_logprobs import SUPPORTED_BACKENDS
+from minillm_fast import MixtureSample, TokenSample, dispatch, mixture_sample, reference, sample_tokens
 
 MODELS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
 P_MIN = 1e-3  # chi-square p-value threshold
@@ -24,13 +23,13 @@ P_MIN = 1e-3  # chi-square p-value threshold
 
 def _runs_here(backend: str) -> bool:
     try:
-        backends.resolve(backend, DEVICE)
+        dispatch.resolve(backend, DEVICE)
     except Exception:  # noqa: BLE001 - not installed / no CUDA: not parametrised
         return False
     return True
 
 
-BACKENDS = [b for b in SUPPORTED_BACKENDS if _runs_here(b)]
+BACKENDS = [b for b in dispatch.BACKENDS if _runs_here(b)]
 CHUNKED = [b for b in ("torch", "native") if b in BACKENDS]  # the token-chunked backends (chunk_size)
 
 

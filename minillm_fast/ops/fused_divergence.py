@@ -1,50 +1,26 @@
-"""The fused linear divergence: public function, nn.Module, autograd Function and torch.library ops.
+"""The fused linear divergence: the public function, its torch.library custom ops and their autograd formula.
 
-Layers, top-down: :func:`fused_divergence` checks and flattens the inputs and turns labels / mask / token weights
-into one per-row scale; ``_FusedDivergenceFunction`` decides whether gradients are made in the forward (chunked
-strategy, scalar output) or the backward; the two ``torch.library`` custom ops ``minillm_fast::fused_divergence_fwd``
-and ``..._bwd`` dispatch to a backend, and their fake implementations let ``torch.compile`` trace through them.
+:func:`fused_divergence` checks and flattens the inputs, turns labels / mask / token weights into one per-row scale,
+picks the backend (minillm_fast/dispatch.py) and calls the custom op ``minillm_fast::fused_divergence_fwd``, which
+runs the backend's implementation and returns the scaled loss (a scalar, or per row for ``reduction="none"``). Its
+autograd formula (``torch.library.register_autograd``) either scales gradients the forward already made (chunked
+strategy, scalar output: 4 matmuls in all) or calls ``minillm_fast::fused_divergence_bwd``. The ops' fake
+implementations let ``torch.compile`` trace through them.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import backends, chunked, divergences
+from .. import dispatch, divergences
 from ..checks import check_models, check_positive, check_reduction, check_rows
-from ..chunked import DivergenceConfig
+from ..chunked import DivergenceConfig, Needs, chunk_rows, out_dtype
 from ..divergences import Divergence
 from ..scaling import Scaling, two_model_scalings
 
 STRATEGIES = ("auto", "chunked", "tiled")
-# Bytes of chunk temporaries the chunked strategy may hold (MINILLM_FAST_CHUNK_BYTES overrides).
-DEFAULT_CHUNK_BYTES = {"cpu": 128 << 20, "cuda": 1 << 30}
-# [C, V] temporaries (fp32, fp64 for fp64 inputs) alive at once per chunk row: the torch rows function keeps about a
-# dozen; the Triton row kernel and the native rows function work in place on the two logits buffers, which
-# chunked.run allocates once for fp32/fp64 inputs; half-precision inputs add the matmul's output and its cast.
-_TEMPS_PER_ROW = {"torch": 12, "triton": 2, "native": 2}
-_CAST_TEMPS = 2
-
-
-def default_chunk_rows(n_rows: int, vocab: int, device: torch.device, backend: str,
-                       dtype: torch.dtype = torch.float32, head_grad_bytes: int = 0) -> int:
-    """Rows per chunk so that the chunk temporaries fit MINILLM_FAST_CHUNK_BYTES when set, else the larger of
-    DEFAULT_CHUNK_BYTES and ``head_grad_bytes`` (the size of the fp32 head gradient the chunks accumulate into).
-
-    Why the second term: every chunk reads and writes the whole ``[V, H]`` head gradient once (its ``addmm_``), so
-    chunks whose logits are much smaller than that gradient spend their time streaming it. Logits about as large as
-    the gradient keep that traffic a small part of the chunk's matmuls, for at most the memory of the gradient the
-    caller holds anyway (measured on CPU at N=512, H=1024/2048, V=128256: 128 MiB chunks 1.33x the floor, 1.27x
-    for Liger's chunked loss; chunks of the 512 MiB gradient's size are faster, see bench/README.md)."""
-    env = os.environ.get("MINILLM_FAST_CHUNK_BYTES")
-    budget = int(env) if env else max(DEFAULT_CHUNK_BYTES.get(device.type, 1 << 30), head_grad_bytes)
-    full = dtype in (torch.float32, torch.float64)
-    temps = _TEMPS_PER_ROW.get(backend, 12) + (0 if full else _CAST_TEMPS)
-    per_row = vocab * (8 if dtype == torch.float64 else 4) * temps
-    return max(1, min(n_rows, budget // per_row))
 
 
 def _config(kind: int, weight: float, scaling: list[float], vocab_size: int) -> DivergenceConfig:
@@ -53,16 +29,18 @@ def _config(kind: int, weight: float, scaling: list[float], vocab_size: int) -> 
     return DivergenceConfig(Divergence(kind, weight), Scaling(it_s, cap_s), Scaling(it_t, cap_t), vocab_size)
 
 
-def _rows_fn(backend: str):
-    if backend == "native":
-        from .. import native
-
-        return native.native_rows
-    return chunked.torch_rows if backend == "torch" else chunked.triton_rows
+def _implementation(backend: str, strategy: str):
+    return dispatch.implementation("fused_divergence_tiled" if strategy == "tiled" else "fused_divergence", backend)
 
 
 def _empty_if_none(grads, like: Tensor):
     return tuple(like.new_empty(0) if g is None else g for g in grads)
+
+
+def _scaled(loss: Tensor, row_scale: Tensor, reduce: bool) -> Tensor:
+    """``sum_i row_scale_i L_i`` or per row; rows with scale 0 give exactly 0 (even where L is not finite)."""
+    per_row = torch.where(row_scale != 0, loss * row_scale.to(loss.dtype), torch.zeros_like(loss))
+    return per_row.sum() if reduce else per_row
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -71,29 +49,23 @@ def _empty_if_none(grads, like: Tensor):
 @torch.library.custom_op("minillm_fast::fused_divergence_fwd", mutates_args=())
 def _fwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor, bt: Optional[Tensor],
             row_scale: Tensor, kind: int, weight: float, scaling: list[float], vocab_size: int,
-            backend: str, strategy: str, chunk_size: int, grads: list[bool]
+            backend: str, strategy: str, chunk_size: int, grads: list[bool], reduce: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-row loss [N], stats [N, 6] and, where ``grads`` asks, the gradients of sum(row_scale * loss)."""
+    """``out`` (``sum row_scale * L`` when ``reduce``, else per row), ``stats [N, 6]`` and, where ``grads`` asks, the
+    gradients of ``sum(row_scale * L)`` (made in the same sweep; empty tensors elsewhere)."""
     cfg = _config(kind, weight, scaling, vocab_size)
-    needs = tuple(grads)
-    if strategy == "tiled":
-        k = backends.triton_kernels()
-        loss, stats = k.fused_divergence_fwd(hs, ws, bs, ht, wt, bt, vocab_size=vocab_size, **cfg.triton_args)
-        g = (None,) * 6
-        if any(needs):
-            g = k.fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_scale, vocab_size=vocab_size,
-                                       needs=needs, **cfg.triton_args)
-    else:
-        loss, stats, g = chunked.run(hs, ws, bs, ht, wt, bt, cfg, rows_fn=_rows_fn(backend), chunk_size=chunk_size,
-                                     row_grad=row_scale if any(needs) else None, needs=needs)
-    return (loss, stats, *_empty_if_none(g, hs))
+    needs = Needs(*grads)
+    loss, stats, g = _implementation(backend, strategy)(hs, ws, bs, ht, wt, bt, cfg, chunk_size=chunk_size,
+                                                        row_grad=row_scale if any(needs) else None, needs=needs)
+    return (_scaled(loss, row_scale, reduce), stats, *_empty_if_none(g, hs))
 
 
 @_fwd_op.register_fake
-def _(hs, ws, bs, ht, wt, bt, row_scale, kind, weight, scaling, vocab_size, backend, strategy, chunk_size, grads):
-    f = torch.float64 if hs.dtype == torch.float64 else torch.float32
-    n = hs.shape[0]
-    return (hs.new_empty(n, dtype=f), hs.new_empty(n, 6, dtype=f), *_fake_grads(hs, ws, bs, ht, wt, bt, grads))
+def _(hs, ws, bs, ht, wt, bt, row_scale, kind, weight, scaling, vocab_size, backend, strategy, chunk_size, grads,
+      reduce):
+    f, n = out_dtype(hs), hs.shape[0]
+    out = hs.new_empty((), dtype=f) if reduce else hs.new_empty(n, dtype=f)
+    return (out, hs.new_empty(n, 6, dtype=f), *_fake_grads(hs, ws, bs, ht, wt, bt, grads))
 
 
 def _fake_grads(hs, ws, bs, ht, wt, bt, grads):
@@ -109,13 +81,9 @@ def _bwd_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Tensor, wt: Tensor
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of sum(row_grad * loss) with respect to the six inputs that ``grads`` names (empty elsewhere)."""
     cfg = _config(kind, weight, scaling, vocab_size)
-    needs = tuple(grads)
-    if strategy == "tiled":
-        g = backends.triton_kernels().fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_grad,
-                                                           vocab_size=vocab_size, needs=needs, **cfg.triton_args)
-    else:
-        _, _, g = chunked.run(hs, ws, bs, ht, wt, bt, cfg, rows_fn=_rows_fn(backend), chunk_size=chunk_size,
-                              row_grad=row_grad, needs=needs, want_loss=False)
+    _, _, g = _implementation(backend, strategy)(hs, ws, bs, ht, wt, bt, cfg, chunk_size=chunk_size,
+                                                 row_grad=row_grad, needs=Needs(*grads), want_loss=False,
+                                                 saved_stats=stats)
     return _empty_if_none(g, hs)
 
 
@@ -128,42 +96,35 @@ def _(hs, ws, bs, ht, wt, bt, stats, row_grad, kind, weight, scaling, vocab_size
 # ----------------------------------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------------------------------
-class _FusedDivergenceFunction(torch.autograd.Function):
-    """Output: ``sum_i row_scale_i L_i`` (reduce) or ``row_scale_i L_i`` per row; rows with scale 0 give exactly 0."""
+def _setup_context(ctx, inputs, output):
+    hs, ws, bs, ht, wt, bt, row_scale, kind, weight, scaling, vocab_size, backend, strategy, chunk_size, grads, \
+        _ = inputs
+    _, stats, *g = output
+    ctx.mark_non_differentiable(stats, *g)
+    ctx.precomputed = any(grads)
+    ctx.op_args = (kind, weight, scaling, vocab_size, backend, strategy, chunk_size)
+    if ctx.precomputed:
+        ctx.save_for_backward(*(x if need else None for x, need in zip(g, grads)))
+    else:
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, stats, row_scale)
 
-    @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, row_scale, reduce: bool, params: tuple):
-        kind, weight, scaling, vocab_size, backend, strategy, chunk_size = params
-        needs = tuple(bool(x) for x in ctx.needs_input_grad[:6])
-        # With a scalar output the upstream gradient is one number: make the gradients now, in the same sweep as
-        # the loss, and only scale them in backward (4 matmuls instead of 6).
-        precompute = reduce and strategy == "chunked" and any(needs)
-        loss, stats, *g = torch.ops.minillm_fast.fused_divergence_fwd(
-            hs, ws, bs, ht, wt, bt, row_scale, kind, weight, scaling, vocab_size, backend, strategy,
-            chunk_size, list(needs) if precompute else [False] * 6)
-        per_row = torch.where(row_scale != 0, loss * row_scale.to(loss.dtype), torch.zeros_like(loss))
-        ctx.precomputed, ctx.needs, ctx.reduce, ctx.params = precompute, needs, reduce, params
-        if precompute:
-            ctx.save_for_backward(*(x if need else None for x, need in zip(g, needs)))
-        else:
-            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, stats, row_scale)
-        return per_row.sum() if reduce else per_row
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.precomputed:
-            # The buffers are ours alone: scale in place (a second backward through a retained graph is refused by
-            # autograd's saved-tensor version check rather than silently doubled).
-            grads = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors)
-        else:
-            hs, ws, bs, ht, wt, bt, stats, row_scale = ctx.saved_tensors
-            kind, weight, scaling, vocab_size, backend, strategy, chunk_size = ctx.params
-            row_grad = row_scale * grad_out
-            g = torch.ops.minillm_fast.fused_divergence_bwd(
-                hs, ws, bs, ht, wt, bt, stats, row_grad, kind, weight, scaling, vocab_size, backend,
-                strategy, chunk_size, list(ctx.needs))
-            grads = tuple(x if need else None for x, need in zip(g, ctx.needs))
-        return (*grads, None, None, None)
+def _backward(ctx, grad_out, *_):
+    needs = Needs(*ctx.needs_input_grad[:6])
+    if ctx.precomputed:
+        # The buffers are ours alone: scale in place (a second backward through a retained graph is refused by
+        # autograd's saved-tensor version check rather than silently doubled).
+        grads = tuple(None if g is None or not need else g.mul_(grad_out.to(g.dtype))
+                      for g, need in zip(ctx.saved_tensors, needs))
+    else:
+        hs, ws, bs, ht, wt, bt, stats, row_scale = ctx.saved_tensors
+        g = torch.ops.minillm_fast.fused_divergence_bwd(hs, ws, bs, ht, wt, bt, stats, row_scale * grad_out,
+                                                        *ctx.op_args, list(needs))
+        grads = tuple(x if need else None for x, need in zip(g, needs))
+    return (*grads,) + (None,) * 10
+
+
+torch.library.register_autograd("minillm_fast::fused_divergence_fwd", _backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -236,7 +197,7 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hid
             ``softcap``).
         logit_scale: a multiplier on both models' raw logits, applied first (Cohere's ``logit_scale``, Granite's
             ``1 / logits_scaling``); ``student_logit_scale`` / ``teacher_logit_scale`` per model. > 0.
-        backend: ``auto`` | ``triton`` | ``torch`` | ``native`` (see minillm_fast/backends.py).
+        backend: ``auto`` | ``triton`` | ``torch`` | ``native`` (see minillm_fast/dispatch.py).
         strategy: ``chunked`` (token chunks with the full vocabulary; gradients made in the forward when the output
             is a scalar: the 4-matmul floor), ``tiled`` (vocabulary tiles, O(N) memory, triton only; backward
             recomputes the logits tiles), or ``auto`` (chunked).
@@ -257,22 +218,23 @@ def fused_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_hid
                       token_weights=token_weights, reduction=reduction,
                       dtype=torch.float64 if hs.dtype == torch.float64 else torch.float32)
 
-    name = backends.resolve(backend, hs.device)
+    name = dispatch.resolve(backend, hs.device)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not supported; expected one of {STRATEGIES}")
     if strategy == "tiled" and name != "triton":
         raise ValueError(f"strategy='tiled' runs on the triton backend only; backend {name!r} is chunked")
     if strategy == "auto":
         strategy = "chunked"
-    if chunk_size is None:
-        grad_w = sum(w[:vocab].numel() * 4 for w in (ws, wt) if w.requires_grad)
-        chunk_size = default_chunk_rows(hs.shape[0], vocab, hs.device, name, hs.dtype, head_grad_bytes=grad_w)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int")
+    grad_w = sum(w[:vocab].numel() * 4 for w in (ws, wt) if w.requires_grad)
+    chunk_size = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name, hs.dtype, head_grad_bytes=grad_w)
 
-    params = (div.kind, div.weight, [student.inv_temp, student.softcap, teacher.inv_temp, teacher.softcap], vocab,
-              name, strategy, chunk_size)
-    out = _FusedDivergenceFunction.apply(hs, ws, bs, ht, wt, bt, scale, reduction != "none", params)
+    # Gradients are made in the forward's sweep when the output is a scalar (the chunked strategy's 4-matmul floor).
+    needs = [t is not None and t.requires_grad for t in (hs, ws, bs, ht, wt, bt)]
+    precompute = reduction != "none" and strategy == "chunked" and torch.is_grad_enabled() and any(needs)
+    out, *_ = torch.ops.minillm_fast.fused_divergence_fwd(
+        hs, ws, bs, ht, wt, bt, scale, div.kind, div.weight,
+        [student.inv_temp, student.softcap, teacher.inv_temp, teacher.softcap], vocab, name, strategy, chunk_size,
+        needs if precompute else [False] * 6, reduction != "none")
     return out if reduction != "none" else out.reshape(lead)
 
 

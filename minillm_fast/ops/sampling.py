@@ -9,10 +9,11 @@ without ``[N, V]`` logits:
   its three log-probs; :func:`sample_tokens`: the same from one model.
 * :func:`rollout_statistics`: the same statistics for given tokens, plus the full-vocabulary ``KL(q || p)``.
 
-Layers: public function (checks, seed) -> ``torch.library`` custom op (``minillm_fast::mixture_sample``,
-``minillm_fast::rollout_statistics``, with fake implementations for ``torch.compile``) -> backend (``triton``: the
-kernels of kernels/sampling.py; ``torch``: token chunks with the full vocabulary, below; ``native``: the same
-chunks, each chunk's row work in one C++ pass, csrc/token_stats_cpu.cpp and csrc/sampling_cpu.cpp).
+Layers: public function (checks, seed, the backend from minillm_fast/dispatch.py) -> ``torch.library`` custom op
+(``minillm_fast::mixture_sample``, ``minillm_fast::rollout_statistics``, with fake implementations for
+``torch.compile``) -> the backend's implementation (``triton``: the kernels of kernels/sampling.py; ``torch``: token
+chunks with the full vocabulary; ``native``: the same chunks, each chunk's row work in one C++ pass,
+csrc/token_stats_cpu.cpp and csrc/sampling_cpu.cpp; minillm_fast/backends/).
 
 Randomness: the public function draws a 64-bit seed from ``generator`` (the device's default generator when None)
 and hands it to the backend: Triton's Philox on the triton backend (Gumbel-max), a ``torch.Generator`` seeded with it
@@ -28,13 +29,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_bias, check_hidden, check_models, check_positive, check_rows, check_weight, resolve_vocab
+from .. import dispatch
+from ..checks import (check_bias, check_hidden, check_models, check_positive, check_rows, check_token_range,
+                      check_weight, resolve_vocab)
+from ..chunked import chunk_rows, out_dtype
 from ..divergences import _check_unit, _log_mix
-from .. import native
-from ..chunked import ChunkLogits
 from ..scaling import Scaling, checked, two_model_scalings
-from .token_logprobs import (check_token_range, chunk_rows, out_dtype, resolve_backend, scaled_logits,
-                             triton_module)
 
 _SEED_HIGH = 2 ** 62  # seeds are drawn uniformly from [0, 2^62)
 
@@ -70,104 +70,11 @@ class TokenSample(NamedTuple):
     logprobs: Tensor  # [...] log-probability of the drawn token
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# torch backend (token chunks, memory O(chunk x V))
-# ----------------------------------------------------------------------------------------------------------------------
-def _chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-def _torch_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, student, teacher, vocab_size, chunk_size):
-    n, f = hs.shape[0], out_dtype(hs)
-    lq_y, lp_y, rkl = (torch.empty(n, dtype=f, device=hs.device) for _ in range(3))
-    y = tokens.long().unsqueeze(1)
-    for rows in _chunks(n, chunk_size):
-        lq = torch.log_softmax(scaled_logits(hs[rows], ws, bs, vocab_size, student)[0], -1)
-        lp = torch.log_softmax(scaled_logits(ht[rows], wt, bt, vocab_size, teacher)[0], -1)
-        lq_y[rows] = lq.gather(1, y[rows]).squeeze(1)
-        lp_y[rows] = lp.gather(1, y[rows]).squeeze(1)
-        rkl[rows] = (lq.exp() * (lq - lp)).sum(-1)
-    return lq_y, lp_y, rkl
-
-
-def _torch_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, vocab_size, chunk_size):
-    """Component coin per row, then Gumbel-max over the chosen model's chunk logits (noise from a generator seeded
-    with ``seed``)."""
-    n, f = hs.shape[0], out_dtype(hs)
-    has_teacher = ht is not None
-    gen = torch.Generator(device=hs.device)
-    gen.manual_seed(int(seed.item()))
-    # The coins are drawn with or without a teacher, so that alpha = 0 draws what sample_tokens draws (as on triton).
-    use_t = torch.rand(n, generator=gen, device=hs.device) < alpha
-    tokens = torch.empty(n, dtype=torch.int64, device=hs.device)
-    lq_y = torch.empty(n, dtype=f, device=hs.device)
-    lp_y = torch.empty(n, dtype=f, device=hs.device) if has_teacher else None
-    for rows in _chunks(n, chunk_size):
-        s = scaled_logits(hs[rows], ws, bs, vocab_size, student)[0]
-        x = s
-        if has_teacher:
-            t = scaled_logits(ht[rows], wt, bt, vocab_size, teacher)[0]
-            x = torch.where(use_t[rows].unsqueeze(1), t, s)
-        u = torch.rand(x.shape, generator=gen, device=hs.device, dtype=x.dtype)
-        y = (x - torch.log(-torch.log(u))).argmax(-1, keepdim=True)  # u = 0 gives -inf: never chosen
-        tokens[rows] = y.squeeze(1)
-        lq_y[rows] = torch.log_softmax(s, -1).gather(1, y).squeeze(1)
-        if has_teacher:
-            lp_y[rows] = torch.log_softmax(t, -1).gather(1, y).squeeze(1)
-    return tokens, lq_y, lp_y
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# native backend (token chunks; the row work of a chunk in C++)
-# ----------------------------------------------------------------------------------------------------------------------
-def _native_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, student, teacher, vocab_size, chunk_size):
-    kernels = native.ops()
-    n, f = hs.shape[0], out_dtype(hs)
-    lq_y, lp_y, rkl = (torch.empty(n, dtype=f, device=hs.device) for _ in range(3))
-    y = tokens.long()
-    rows_max = min(chunk_size, n)
-    zs, zt = ChunkLogits(ws, bs, vocab_size, rows_max, f), ChunkLogits(wt, bt, vocab_size, rows_max, f)
-    for rows in _chunks(n, chunk_size):
-        lq_y[rows], lp_y[rows], rkl[rows] = kernels.rollout_statistics_rows(
-            zs(hs[rows]), zt(ht[rows]), y[rows], *_native_scaling(student, teacher))
-    return lq_y, lp_y, rkl
-
-
-def _native_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, vocab_size, chunk_size):
-    """Component coin and inverse-CDF draw per row (csrc/sampling_cpu.cpp), uniforms from Philox4x32-10 keyed by
-    ``seed`` with the global row index as counter."""
-    kernels = native.ops()
-    n, f = hs.shape[0], out_dtype(hs)
-    has_teacher = ht is not None
-    tokens = torch.empty(n, dtype=torch.int64, device=hs.device)
-    lq_y = torch.empty(n, dtype=f, device=hs.device)
-    lp_y = torch.empty(n, dtype=f, device=hs.device) if has_teacher else None
-    rows_max = min(chunk_size, n)
-    zs = ChunkLogits(ws, bs, vocab_size, rows_max, f)
-    zt = ChunkLogits(wt, bt, vocab_size, rows_max, f) if has_teacher else None
-    for rows in _chunks(n, chunk_size):
-        tok, lq, lp = kernels.mixture_sample_rows(zs(hs[rows]), zt(ht[rows]) if has_teacher else None, seed,
-                                                  rows.start, alpha, *_native_scaling(student, teacher))
-        tokens[rows] = tok
-        lq_y[rows] = lq
-        if has_teacher:
-            lp_y[rows] = lp
-    return tokens, lq_y, lp_y
-
-
-def _native_scaling(student: Scaling, teacher: Scaling) -> tuple:
-    """The native two-model row kernels' ``temperature_s, softcap_s, temperature_t, softcap_t``."""
-    return student.temperature, student.softcap, teacher.temperature, teacher.softcap
-
-
-def _backend_opts(scaling: list[float], vocab_size: int, backend: str) -> dict:
-    """The keywords of the chosen backend's function, from the custom ops' ``scaling`` = [inv_temp_s, softcap_s,
-    inv_temp_t, softcap_t]."""
+def _scalings(scaling: list[float]) -> dict:
+    """Each model's :class:`Scaling` from the custom ops' ``scaling`` = [inv_temp_s, softcap_s, inv_temp_t,
+    softcap_t]."""
     it_s, cap_s, it_t, cap_t = scaling
-    if backend == "triton":
-        return dict(inv_temp=(it_s, it_t), softcap=(cap_s, cap_t), vocab_size=vocab_size)
-    return dict(student=Scaling(it_s, cap_s), teacher=Scaling(it_t, cap_t), vocab_size=vocab_size)
+    return dict(student=Scaling(it_s, cap_s), teacher=Scaling(it_t, cap_t))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -178,13 +85,8 @@ def _rollout_statistics_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Ten
                            tokens: Tensor, alpha: float, scaling: list[float], vocab_size: int,
                            backend: str, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``[N]`` log q(y), log p(y), log m(y), q(y) / m(y), KL(q || p)."""
-    opts = _backend_opts(scaling, vocab_size, backend)
-    if backend == "triton":
-        lq, lp, rkl = triton_module("sampling").rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, **opts)
-    elif backend == "native":
-        lq, lp, rkl = _native_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, chunk_size=chunk_size, **opts)
-    else:
-        lq, lp, rkl = _torch_rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, chunk_size=chunk_size, **opts)
+    lq, lp, rkl = dispatch.implementation("rollout_statistics", backend)(
+        hs, ws, bs, ht, wt, bt, tokens, vocab_size=vocab_size, chunk_size=chunk_size, **_scalings(scaling))
     lm = _log_mix(lp, lq, alpha)
     return lq, lp, lm, torch.exp(lq - lm), rkl
 
@@ -201,13 +103,8 @@ def _sample_op(hs: Tensor, ws: Tensor, bs: Optional[Tensor], ht: Optional[Tensor
                backend: str, chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``tokens [N]`` int64 drawn from ``alpha p + (1 - alpha) q`` (q alone when ht is None), log q(y), log p(y) and
     log m(y) (the last two empty without a teacher). ``seed``: [1] int64 on the device."""
-    opts = _backend_opts(scaling, vocab_size, backend)
-    if backend == "triton":
-        tokens, lq, lp = triton_module("sampling").sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, **opts)
-    elif backend == "native":
-        tokens, lq, lp = _native_sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, chunk_size=chunk_size, **opts)
-    else:
-        tokens, lq, lp = _torch_sample(hs, ws, bs, ht, wt, bt, seed, alpha=alpha, chunk_size=chunk_size, **opts)
+    tokens, lq, lp = dispatch.implementation("mixture_sample", backend)(
+        hs, ws, bs, ht, wt, bt, seed, alpha=alpha, vocab_size=vocab_size, chunk_size=chunk_size, **_scalings(scaling))
     if lp is None:
         return tokens, lq, lq.new_empty(0), lq.new_empty(0)
     return tokens, lq, lp, _log_mix(lp, lq, alpha)
@@ -294,7 +191,7 @@ def rollout_statistics(student_hidden: Tensor, student_weight: Tensor, teacher_h
         raise TypeError(f"tokens must be a torch.Tensor of token ids with shape {tuple(lead)}, got None")
     y = check_rows("tokens", tokens, lead, hs.device, kind="int")
     check_token_range("tokens", y, vocab)
-    name = resolve_backend(backend, hs.device, "rollout_statistics")
+    name = dispatch.resolve(backend, hs.device)
     chunk = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name, hs.dtype)
     with torch.no_grad():
         out = torch.ops.minillm_fast.rollout_statistics(*_detach(hs, ws, bs, ht, wt, bt), y, alpha, scaling, vocab,
@@ -342,7 +239,7 @@ def mixture_sample(student_hidden: Tensor, student_weight: Tensor, teacher_hidde
     scaling = _scaling_list(*two_model_scalings(temperature, softcap, logit_scale, student_softcap, teacher_softcap,
                                                 student_logit_scale, teacher_logit_scale))
     _check_generator(generator)
-    name = resolve_backend(backend, hs.device, "mixture_sample")
+    name = dispatch.resolve(backend, hs.device)
     chunk = chunk_rows(chunk_size, hs.shape[0], vocab, hs.device, name, hs.dtype)
     seed = _draw_seed(generator, hs.device)
     with torch.no_grad():
@@ -374,7 +271,7 @@ def sample_tokens(hidden: Tensor, weight: Tensor, *, temperature: float = 1.0,
     vocab = resolve_vocab(vocab_size, ("weight", w))
     lead = hidden.shape[:-1]
     _check_generator(generator)
-    name = resolve_backend(backend, h.device, "sample_tokens")
+    name = dispatch.resolve(backend, h.device)
     chunk = chunk_rows(chunk_size, h.shape[0], vocab, h.device, name, h.dtype)
     seed = _draw_seed(generator, h.device)
     with torch.no_grad():

@@ -119,6 +119,15 @@ def resolve_vocab(vocab_size, *weights: tuple[str, torch.Tensor]) -> int:
     return vocab_size
 
 
+def check_model(hidden, weight, bias, vocab_size):
+    """The inputs of a one-model op, checked and flattened: ``(h [N, H], w [V_pad, H], b | None)``, the real
+    vocabulary (:func:`resolve_vocab`) and the hidden states' leading shape."""
+    h = check_hidden("hidden", hidden)
+    w = check_weight("weight", weight, h, "hidden")
+    b = check_bias("bias", bias, w, "weight")
+    return (h, w, b), resolve_vocab(vocab_size, ("weight", w)), hidden.shape[:-1]
+
+
 def check_models(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
                  vocab_size):
     """The student / teacher inputs of a two-model op, checked and flattened.

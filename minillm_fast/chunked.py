@@ -72,6 +72,14 @@ def out_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
+def draw_outputs(h: torch.Tensor, with_teacher: bool) -> tuple:
+    """``tokens [N]`` int64, ``log q(y) [N]`` and ``log p(y) [N]`` (None without a teacher), to be filled by a
+    sampler's chunks."""
+    n, f = h.shape[0], out_dtype(h)
+    return (torch.empty(n, dtype=torch.int64, device=h.device), torch.empty(n, dtype=f, device=h.device),
+            torch.empty(n, dtype=f, device=h.device) if with_teacher else None)
+
+
 class Needs(NamedTuple):
     """Which of the six inputs of a two-model op want a gradient."""
 

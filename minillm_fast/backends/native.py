@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import chunked, native
-from ..chunked import ChunkLogits, HeadGrads, Rows, out_dtype, row_chunks
+from ..chunked import ChunkLogits, HeadGrads, Rows, draw_outputs, out_dtype, row_chunks
 
 
 def divergence_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg, grad_s: bool,
@@ -98,9 +98,7 @@ def mixture_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, voc
     rows_kernels = native.ops()
     n, f = hs.shape[0], out_dtype(hs)
     has_teacher = ht is not None
-    tokens = torch.empty(n, dtype=torch.int64, device=hs.device)
-    lq_y = torch.empty(n, dtype=f, device=hs.device)
-    lp_y = torch.empty(n, dtype=f, device=hs.device) if has_teacher else None
+    tokens, lq_y, lp_y = draw_outputs(hs, has_teacher)
     rows_max = min(chunk_size, n)
     zs = ChunkLogits(ws, bs, vocab_size, rows_max, f)
     zt = ChunkLogits(wt, bt, vocab_size, rows_max, f) if has_teacher else None

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import chunked, divergences
-from ..chunked import DivergenceConfig, HeadGrads, Rows, out_dtype, row_chunks, scaled_logits
+from ..chunked import DivergenceConfig, HeadGrads, Rows, draw_outputs, out_dtype, row_chunks, scaled_logits
 
 
 def divergence_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg: DivergenceConfig,
@@ -100,15 +100,13 @@ def rollout_statistics(hs, ws, bs, ht, wt, bt, tokens, *, student, teacher, voca
 def mixture_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, vocab_size, chunk_size):
     """Component coin per row, then Gumbel-max over the chosen model's chunk logits (noise from a generator seeded
     with ``seed``: one host sync on CUDA). Returns ``tokens [N]``, log q(y) and log p(y) (None without a teacher)."""
-    n, f = hs.shape[0], out_dtype(hs)
+    n = hs.shape[0]
     has_teacher = ht is not None
     gen = torch.Generator(device=hs.device)
     gen.manual_seed(int(seed.item()))
     # The coins are drawn with or without a teacher, so that alpha = 0 draws what sample_tokens draws (as on triton).
     use_t = torch.rand(n, generator=gen, device=hs.device) < alpha
-    tokens = torch.empty(n, dtype=torch.int64, device=hs.device)
-    lq_y = torch.empty(n, dtype=f, device=hs.device)
-    lp_y = torch.empty(n, dtype=f, device=hs.device) if has_teacher else None
+    tokens, lq_y, lp_y = draw_outputs(hs, has_teacher)
     for rows in row_chunks(n, chunk_size):
         s = scaled_logits(hs[rows], ws, bs, vocab_size, student)[0]
         x = s

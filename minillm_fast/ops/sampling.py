@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..checks import (check_bias, check_hidden, check_models, check_positive, check_rows, check_token_range,
-                      check_weight, resolve_vocab)
+from ..checks import check_model, check_models, check_positive, check_rows, check_token_range
 from ..chunked import chunk_rows, out_dtype
 from ..divergences import _check_unit, _log_mix
 from ..scaling import Scaling, checked, two_model_scalings
@@ -264,12 +263,8 @@ def sample_tokens(hidden: Tensor, weight: Tensor, *, temperature: float = 1.0,
         :class:`TokenSample`: ``tokens`` ``[...]`` int64 and their ``logprobs`` ``[...]`` float32 (float64 for float64
         inputs). No gradients.
     """
-    h = check_hidden("hidden", hidden)
-    w = check_weight("weight", weight, h, "hidden")
-    b = check_bias("bias", bias, w, "weight")
+    (h, w, b), vocab, lead = check_model(hidden, weight, bias, vocab_size)
     scaling = checked(temperature, softcap, logit_scale)
-    vocab = resolve_vocab(vocab_size, ("weight", w))
-    lead = hidden.shape[:-1]
     _check_generator(generator)
     name = dispatch.resolve(backend, h.device)
     chunk = chunk_rows(chunk_size, h.shape[0], vocab, h.device, name, h.dtype)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch
-from ..checks import check_bias, check_hidden, check_rows, check_token_range, check_weight, resolve_vocab
+from ..checks import check_model, check_rows, check_token_range
 from ..chunked import chunk_rows, out_dtype
 from ..scaling import Scaling, checked
 
@@ -143,12 +143,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperatu
         ``[...]`` float32 log-probs (float64 for float64 inputs), or the pair ``(logprobs, entropy)``. Gradients
         reach hidden, weight and bias.
     """
-    h = check_hidden("hidden", hidden)
-    w = check_weight("weight", weight, h, "hidden")
-    b = check_bias("bias", bias, w, "weight")
+    (h, w, b), vocab, lead = check_model(hidden, weight, bias, vocab_size)
     scaling = checked(temperature, softcap, logit_scale)
-    vocab = resolve_vocab(vocab_size, ("weight", w))
-    lead = hidden.shape[:-1]
     if targets is None:
         raise TypeError(f"targets must be a torch.Tensor of token ids with shape {tuple(lead)}, got None")
     y = check_rows("targets", targets, lead, h.device, kind="int")

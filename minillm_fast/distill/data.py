@@ -7,9 +7,9 @@ Instruction records (one JSON object a line)::
     {"prompt": "<already formatted prompt>", "response": "..."}      # used verbatim
     "response" may be a list of strings: the references of an evaluation example (the first one is trained on).
 
-Prompts use the Alpaca/dolly template of the MiniLLM reference (DESIGN.md section 3); prompts longer than
-``max_prompt_length`` tokens are dropped; the response is followed by EOS; ``prompt + response`` is cut to
-``max_length`` tokens.
+Prompts use the Alpaca/dolly template of the MiniLLM reference (DESIGN.md section 3), :func:`format_prompt`: the one
+template of the package (the built-in demo trains its tokenizer on it too); prompts longer than ``max_prompt_length``
+tokens are dropped; the response is followed by EOS; ``prompt + response`` is cut to ``max_length`` tokens.
 
 Order is a pure function of ``(seed, epoch)`` (:class:`IndexStream`), so a resumed run and a run on more ranks see the
 same global batches.
@@ -31,21 +31,22 @@ PROMPT_NO_INPUT = (
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
     "response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
 )
 IGNORE_INDEX = -100
 
 
-def format_prompt(instruction: str, input: Optional[str] = None) -> str:
-    """The reference's prompt: the "paired with an input" variant when ``input`` is a non-empty string."""
-    if input is not None and str(input).strip():
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+def format_prompt(instruction: str, context: Optional[str] = None) -> str:
+    """The reference's prompt for an instruction and its input (dolly's ``context``, alpaca's ``input``): the "paired
+    with an input" variant when ``context`` is a non-blank string."""
+    if context is not None and str(context).strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, context=context)
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
 @dataclass
-class Example:
-    """One tokenised instruction example."""
+class TokenizedExample:
+    """One instruction example as the trainer sees it: the rendered prompt, its token ids and the response's."""
 
     prompt: str
     prompt_ids: list            # [P] token ids (tokenizer special tokens included, e.g. BOS for Llama)
@@ -53,7 +54,12 @@ class Example:
     references: list            # reference response strings (evaluation: max over them)
 
 
-def read_jsonl(path: str) -> list[dict]:
+Example = TokenizedExample      # the former name (distill/evaluate.py imports it)
+
+
+def read_jsonl(path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, one a line (blank lines skipped); errors name the file and line."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     records = []
@@ -112,7 +118,8 @@ def load_instructions(path: str, tokenizer, *, max_length: int, max_prompt_lengt
         if refs:
             response_ids = tokenizer(refs[0], add_special_tokens=False)["input_ids"] + [eos]
             response_ids = response_ids[: max_length - len(prompt_ids)]
-        examples.append(Example(prompt, list(prompt_ids), list(response_ids), refs))
+        examples.append(TokenizedExample(prompt=prompt, prompt_ids=list(prompt_ids), response_ids=list(response_ids),
+                                         references=refs))
     if not examples:
         raise ValueError(f"{path}: no usable example ({dropped} prompt(s) longer than max_prompt_length="
                          f"{max_prompt_length} tokens were dropped)")
@@ -214,25 +221,27 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def pad_right(seqs: Sequence[Sequence[int]], value, length: Optional[int] = None, dtype=torch.long) -> torch.Tensor:
+def _pad(seqs: Sequence[Sequence[int]], value, length: Optional[int], dtype, left: bool) -> torch.Tensor:
     length = max((len(s) for s in seqs), default=0) if length is None else length
     out = torch.full((len(seqs), length), value, dtype=dtype)
     for i, s in enumerate(seqs):
         if len(s):
-            out[i, :len(s)] = torch.as_tensor(s, dtype=dtype)
+            start = length - len(s) if left else 0
+            out[i, start:start + len(s)] = torch.as_tensor(s, dtype=dtype)
     return out
+
+
+def pad_right(seqs: Sequence[Sequence[int]], value, length: Optional[int] = None, dtype=torch.long) -> torch.Tensor:
+    """``[len(seqs), length]`` (default: the longest), each sequence first, ``value`` after it."""
+    return _pad(seqs, value, length, dtype, left=False)
 
 
 def pad_left(seqs: Sequence[Sequence[int]], value, length: Optional[int] = None, dtype=torch.long) -> torch.Tensor:
-    length = max((len(s) for s in seqs), default=0) if length is None else length
-    out = torch.full((len(seqs), length), value, dtype=dtype)
-    for i, s in enumerate(seqs):
-        if len(s):
-            out[i, length - len(s):] = torch.as_tensor(s, dtype=dtype)
-    return out
+    """``[len(seqs), length]`` (default: the longest), ``value`` first, each sequence at the end."""
+    return _pad(seqs, value, length, dtype, left=True)
 
 
-def collate_full(examples: Sequence[Example], pad_token_id: int) -> dict:
+def collate_full(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict:
     """Right-padded ``prompt + response`` rows: ``input_ids``, ``attention_mask`` and ``labels`` aligned with the
     inputs (``IGNORE_INDEX`` on the prompt and on padding; the loss shifts them by one)."""
     seqs = [e.prompt_ids + e.response_ids for e in examples]
@@ -242,7 +251,7 @@ def collate_full(examples: Sequence[Example], pad_token_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad_right(labels, IGNORE_INDEX)}
 
 
-def collate_prompts(examples: Sequence[Example], pad_token_id: int) -> dict:
+def collate_prompts(examples: Sequence[TokenizedExample], pad_token_id: int) -> dict:
     """Left-padded prompts for generation: ``input_ids``, ``attention_mask``."""
     prompts = [e.prompt_ids for e in examples]
     return {"input_ids": pad_left(prompts, pad_token_id),

@@ -18,6 +18,7 @@ import torch
 
 from minillm_fast.demo import configs, tasks
 from minillm_fast.demo.tokenizer import SPECIAL_TOKENS, build_tokenizer, demo_tokenizer_texts
+from minillm_fast.distill.data import PROMPT_NO_INPUT, format_prompt, load_instructions, read_documents, read_jsonl
 
 SIZES = {"train": 450, "valid": 45, "test": 45}
 PT_LINES = 300
@@ -42,7 +43,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def splits(data_dir) -> dict:
-    return {name: tasks.read_jsonl(data_dir / f"{name}.jsonl") for name in SIZES}
+    return {name: read_jsonl(data_dir / f"{name}.jsonl") for name in SIZES}
 
 
 @pytest.fixture(scope="module")
@@ -181,16 +182,17 @@ def test_pretrain_corpus(data_dir):
 
 
 def test_files_load_in_the_distillation_data_code(data_dir, tok):
-    """The trainer's readers (minillm_fast.distill.data) see the same prompts, every example, every document."""
-    data = pytest.importorskip("minillm_fast.distill.data")
-    for ex in tasks.read_jsonl(data_dir / "test.jsonl"):
-        assert data.format_prompt(ex["instruction"], ex["context"]) == tasks.format_prompt(ex["instruction"],
-                                                                                          ex["context"])
-    examples, dropped = data.load_instructions(str(data_dir / "valid.jsonl"), tok, max_length=configs.MAX_POSITIONS,
-                                               max_prompt_length=configs.MAX_POSITIONS)
+    """The trainer's readers (minillm_fast.distill.data) see every example, every document, and the prompts the
+    demo tokenizer was trained on (it renders them with the trainer's template)."""
+    trained_on = set(demo_tokenizer_texts(data_dir))
+    examples, dropped = load_instructions(str(data_dir / "valid.jsonl"), tok, max_length=configs.MAX_POSITIONS,
+                                          max_prompt_length=configs.MAX_POSITIONS)
+    for ex, record in zip(examples, read_jsonl(data_dir / "valid.jsonl")):
+        assert ex.prompt + record["response"] in trained_on
+        assert ex.prompt == format_prompt(record["instruction"], record["context"])
     assert dropped == 0 and len(examples) == SIZES["valid"]
     assert all(e.response_ids[-1] == tok.eos_token_id for e in examples)
-    assert len(data.read_documents(str(data_dir / "pretrain.txt"))) == PT_LINES
+    assert len(read_documents(str(data_dir / "pretrain.txt"))) == PT_LINES
 
 
 def test_vocabulary_is_small():
@@ -214,7 +216,7 @@ def test_bad_arguments_raise_value_error():
 # tokenizer
 # ----------------------------------------------------------------------------------------------------------------------
 def _full_texts(examples):
-    return [tasks.format_prompt(ex["instruction"], ex["context"]) + ex["response"] for ex in examples]
+    return [format_prompt(ex["instruction"], ex["context"]) + ex["response"] for ex in examples]
 
 
 def test_tokenizer_round_trips(tok, splits):
@@ -245,7 +247,7 @@ def test_tokenizer_is_deterministic(data_dir, tok_dir, tmp_path):
 
 
 def test_template_tokenises_compactly(tok):
-    head = tasks.PROMPT_NO_INPUT.split("\n\n")[0]  # "Below is an instruction ... completes the request."
+    head = PROMPT_NO_INPUT.split("\n\n")[0]  # "Below is an instruction ... completes the request."
     assert len(tok(head)["input_ids"]) <= len(head.split()) + 2
     assert len(tok("### Response:\n")["input_ids"]) <= 4
     assert len(tok("\n\n### Instruction:\n")["input_ids"]) <= 6

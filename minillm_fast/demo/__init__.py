@@ -5,16 +5,24 @@ tokenizer on it, and builds a tiny teacher and tiny students from scratch; the d
 distils them exactly as it would real checkpoints loaded from local paths (``AutoTokenizer`` /
 ``AutoModelForCausalLM``), in minutes. One module per piece:
 
-* ``tasks``: the data set, nine task families in dolly's layout (``instruction``, ``context``, ``response``, plus
-  ``references`` and ``task``), seeded; ``write_splits`` writes train/valid/test JSON lines (4000/200/200 by
-  default, no prompt shared), ``write_pretrain_corpus`` the plain text of the pre-training term.
-* ``tokenizer``: ``build_tokenizer``, a byte-level BPE trained on that data (``demo_tokenizer_texts``), saved with
-  ``save_pretrained``.
-* ``configs``: ``teacher_config`` / ``student_config`` (GPT-2 and LLaMA families, ~5M-parameter teacher,
-  ~1M and ~0.5M students, ``quick`` variants for a smoke run) and ``build_model``.
-* ``pipeline``: ``minillm-fast demo`` (``run_demo``): the pieces above, then a teacher trained by SFT and students
-  distilled with SFT, KD, SeqKD, MiniLLM and MiniLLM's three ablations through ``minillm-fast distill``, all evaluated
-  over 5 seeds on the test split (``minillm-fast evaluate``); ``report`` writes the table, plots and timings.
+* ``tasks``: the data set, nine task families in dolly's layout (``TaskRecord``: ``instruction``, ``context``,
+  ``response``, plus ``references`` and ``task``), seeded; ``write_splits`` writes train/valid/test JSON lines
+  (4000/200/200 by default, no prompt shared), ``write_pretrain_corpus`` the plain text of the pre-training term.
+  The files are read back, and rendered with the prompt template, by the trainer's own ``minillm_fast.distill.data``
+  (``read_jsonl``, ``format_prompt``).
+* ``tokenizer``: ``build_tokenizer``, a byte-level BPE trained on that data as the models read it
+  (``demo_tokenizer_texts``, ``rendered_texts``), saved with ``save_pretrained``; ``distill.toy`` trains its tiny
+  workspace's tokenizer with it too.
+* ``configs``: ``teacher_config`` / ``student_config`` (GPT-2 and LLaMA families) and ``build_model``. Two sets of
+  shapes: the default ones (~5M-parameter teacher, ~1M student, ~0.5M ``student_small``) and the ``quick=True``
+  ones (~0.8M teacher, ~0.2M student). Both demo schedules, the full one and ``--quick``, train the quick shapes
+  (the default teacher does not become good on a CPU in the demo's budget; the report's notes give the numbers);
+  they differ in data size and steps. The default shapes are there to build by hand (the example below) and for
+  the benchmarks (bench/e2e.py); ``student_small`` is used by no schedule.
+* ``pipeline``: ``minillm-fast demo`` (``run_demo``, one ``DemoRun`` method per stage): the pieces above, then a
+  teacher trained by SFT and students distilled with SFT, KD, SeqKD, MiniLLM, MiniLLM's three ablations and OKD
+  through ``minillm-fast distill``, all evaluated over 5 seeds on the test split (``minillm-fast evaluate``);
+  ``report`` writes the table, plots and timings.
 
 Example (no network; about ten seconds)::
 
@@ -39,10 +47,9 @@ _EXPORTS = {
     "pipeline": ["run_demo"],
     "configs": ["FAMILIES", "MAX_POSITIONS", "SHAPES", "build_model", "num_parameters", "special_token_ids",
                 "student_config", "teacher_config"],
-    "tasks": ["DEFAULT_SIZES", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "TASK_FAMILIES", "format_prompt",
-              "generate_example", "generate_splits", "pretrain_corpus", "read_jsonl", "write_pretrain_corpus",
-              "write_splits"],
-    "tokenizer": ["SPECIAL_TOKENS", "build_tokenizer", "demo_tokenizer_texts", "load_tokenizer"],
+    "tasks": ["DEFAULT_SIZES", "TASK_FAMILIES", "TaskRecord", "generate_example", "generate_splits", "pretrain_corpus",
+              "write_pretrain_corpus", "write_splits"],
+    "tokenizer": ["SPECIAL_TOKENS", "build_tokenizer", "demo_tokenizer_texts", "load_tokenizer", "rendered_texts"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)

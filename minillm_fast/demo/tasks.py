@@ -24,8 +24,8 @@ student can cover all the modes (forward KL, SFT) or commit to one (reverse KL).
 chosen at random; ``references`` lists every valid phrasing (for ``story``, whose valid answers cannot be listed, the
 response and two more stories sampled for the same prompt), so evaluation takes Rouge-L as the max over references.
 
-Each example is a dict ``{"instruction", "context", "response", "references", "task"}``; ``context`` is ``""`` for
-the families without one. Responses run from one word (``"Plim."``) to about forty.
+Each example is a :class:`TaskRecord`, a dict ``{"instruction", "context", "response", "references", "task"}``;
+``context`` is ``""`` for the families without one. Responses run from one word (``"Plim."``) to about forty.
 
 Splits and determinism. ``generate_splits(seed, sizes)`` fills each split with an equal share of every family (the
 remainder going to the first families), from a ``random.Random`` seeded by the string ``"{seed}:{split}:{family}"``
@@ -34,7 +34,9 @@ in the order test, valid, train, and a prompt (instruction and context) already 
 no prompt appears twice in a split or in two splits, and the test set does not change when the train size does.
 The smallest prompt space (``units``, 1,800 prompts) bounds a split set at about 16,000 examples in all; asking for
 more raises ``ValueError``.
-``write_splits`` writes ``{split}.jsonl`` files (one JSON object a line, keys in the order above, UTF-8, ``\\n``);
+``write_splits`` writes ``{split}.jsonl`` files (one JSON object a line, keys in the order above, UTF-8, ``\\n``;
+``minillm_fast.distill.data.read_jsonl`` reads them back, and the models see each example through the trainer's
+prompt template, ``minillm_fast.distill.data.format_prompt``);
 ``write_pretrain_corpus`` writes the plain-text corpus of the pre-training term (fact sentences, descriptions,
 stories, conversions, sums): one document a line, a blank line between documents (the paragraph convention of
 ``minillm_fast.distill.data.read_documents``; a reader that takes lines as documents and skips blank ones agrees).
@@ -55,29 +57,10 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypedDict
 
-__all__ = ["TASK_FAMILIES", "DEFAULT_SIZES", "PROMPT_NO_INPUT", "PROMPT_WITH_INPUT", "format_prompt",
-           "generate_example", "generate_splits", "write_splits", "read_jsonl", "pretrain_corpus",
-           "write_pretrain_corpus"]
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The prompt template (DESIGN.md section 3, the Alpaca/dolly template of the reference code). The trainer renders the
-# examples itself; the demo needs the same text to train its tokenizer on what the models will actually read.
-# ----------------------------------------------------------------------------------------------------------------------
-PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                     "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                     "{instruction}\n\n### Input:\n{context}\n\n### Response:\n")
-
-
-def format_prompt(instruction: str, context: str = "") -> str:
-    """The prompt the models see for one example: the template with or without the ``### Input:`` block."""
-    if context:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, context=context)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
-
+__all__ = ["TASK_FAMILIES", "DEFAULT_SIZES", "TaskRecord", "generate_example", "generate_splits", "write_splits",
+           "pretrain_corpus", "write_pretrain_corpus"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Word banks: the whole vocabulary of the data set (plus the template words and the fixed phrasings below).
@@ -144,7 +127,16 @@ def unique(items: Iterable[str]) -> List[str]:
     return list(dict.fromkeys(items))
 
 
-Example = Dict[str, object]
+class TaskRecord(TypedDict):
+    """One generated example, as written to the ``.jsonl`` files (keys in this order)."""
+
+    instruction: str
+    context: str                # "" for the families without an input
+    response: str               # the stored phrasing, one of ``references``
+    references: List[str]       # every valid phrasing (a story: the response and two more samples)
+    task: str                   # the family
+
+
 # A family draws (instruction, context, references, index of the stored response) from an rng.
 Draw = Tuple[str, str, List[str], int]
 
@@ -157,41 +149,48 @@ def _pick(rng: random.Random, refs: Sequence[str]) -> Tuple[List[str], int]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Task families
 # ----------------------------------------------------------------------------------------------------------------------
+# op -> (symbol, word, questions, the two worked answers). Format fields: the operands a and b, the result c, their
+# tens and ones (a1 a0 b1 b0), and the working's partial results (sum of tens t and of ones o; a minus b's tens r;
+# a times b's tens p1 and ones p0).
+_ARITHMETIC = {
+    "add": ("+", "plus", ("What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.",
+                          "What is {a} plus {b}? Show your work."),
+            ("{a1} + {b1} = {t}. {a0} + {b0} = {o}. {t} + {o} = {c}. The answer is {c}.",
+             "First add the tens: {a1} + {b1} = {t}. Then add the ones: {a0} + {b0} = {o}. "
+             "Together that makes {c}, so {a} + {b} = {c}.")),
+    "sub": ("-", "minus", ("What is {a} - {b}?", "Subtract {b} from {a}.", "Compute {a} minus {b}.",
+                           "What is {a} minus {b}? Show your work."),
+            ("{a} - {b1} = {r}. {r} - {b0} = {c}. The answer is {c}.",
+             "First take away the tens: {a} - {b1} = {r}. Then take away the ones: {r} - {b0} = {c}. "
+             "So {a} - {b} = {c}.")),
+    "mul": ("x", "times", ("What is {a} x {b}?", "Multiply {a} by {b}.", "Compute {a} times {b}.",
+                           "What is {a} times {b}? Show your work."),
+            ("{a} x {b1} = {p1}. {a} x {b0} = {p0}. {p1} + {p0} = {c}. The answer is {c}.",
+             "First multiply the tens: {a} x {b1} = {p1}. Then multiply the ones: {a} x {b0} = {p0}. "
+             "Together that makes {c}, so {a} x {b} = {c}.")),
+}
+
+
+def _operands(op: str, rng: random.Random) -> Tuple[int, int]:
+    """Two-digit sums, differences with a positive result, a one-digit times a two-digit number."""
+    if op == "add":
+        return rng.randint(2, 99), rng.randint(2, 99)
+    if op == "sub":
+        a = rng.randint(10, 99)
+        return a, rng.randint(2, a - 1)
+    return rng.randint(2, 9), rng.randint(11, 39)
+
+
 def _arithmetic(rng: random.Random) -> Draw:
     op = rng.choice(["add", "add", "sub", "sub", "mul"])
-    if op == "add":
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        c = a + b
-        sym, word = "+", "plus"
-        instruction = rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}.",
-                                  f"What is {a} plus {b}? Show your work."])
-        a1, a0, b1, b0 = a // 10 * 10, a % 10, b // 10 * 10, b % 10
-        steps_a = f"{a1} + {b1} = {a1 + b1}. {a0} + {b0} = {a0 + b0}. {a1 + b1} + {a0 + b0} = {c}. The answer is {c}."
-        steps_b = (f"First add the tens: {a1} + {b1} = {a1 + b1}. Then add the ones: {a0} + {b0} = {a0 + b0}. "
-                   f"Together that makes {c}, so {a} + {b} = {c}.")
-    elif op == "sub":
-        a = rng.randint(10, 99)
-        b = rng.randint(2, a - 1)
-        c = a - b
-        sym, word = "-", "minus"
-        instruction = rng.choice([f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Compute {a} minus {b}.",
-                                  f"What is {a} minus {b}? Show your work."])
-        b1, b0 = b // 10 * 10, b % 10
-        steps_a = f"{a} - {b1} = {a - b1}. {a - b1} - {b0} = {c}. The answer is {c}."
-        steps_b = (f"First take away the tens: {a} - {b1} = {a - b1}. Then take away the ones: {a - b1} - {b0} = {c}. "
-                   f"So {a} - {b} = {c}.")
-    else:
-        a, b = rng.randint(2, 9), rng.randint(11, 39)
-        c = a * b
-        sym, word = "x", "times"
-        instruction = rng.choice([f"What is {a} x {b}?", f"Multiply {a} by {b}.", f"Compute {a} times {b}.",
-                                  f"What is {a} times {b}? Show your work."])
-        b1, b0 = b // 10 * 10, b % 10
-        steps_a = f"{a} x {b1} = {a * b1}. {a} x {b0} = {a * b0}. {a * b1} + {a * b0} = {c}. The answer is {c}."
-        steps_b = (f"First multiply the tens: {a} x {b1} = {a * b1}. Then multiply the ones: {a} x {b0} = {a * b0}. "
-                   f"Together that makes {c}, so {a} x {b} = {c}.")
+    a, b = _operands(op, rng)
+    sym, word, questions, workings = _ARITHMETIC[op]
+    c = {"add": a + b, "sub": a - b, "mul": a * b}[op]
+    a1, a0, b1, b0 = a // 10 * 10, a % 10, b // 10 * 10, b % 10
+    fields = dict(a=a, b=b, c=c, a1=a1, a0=a0, b1=b1, b0=b0, t=a1 + b1, o=a0 + b0, r=a - b1, p1=a * b1, p0=a * b0)
+    instruction = rng.choice(questions).format(**fields)
     direct = [f"{a} {sym} {b} = {c}.", f"The answer is {c}.", f"{a} {word} {b} is {c}."]
-    refs = [steps_a, steps_b] + ([] if "Show your work" in instruction else direct)
+    refs = [w.format(**fields) for w in workings] + ([] if "Show your work" in instruction else direct)
     return (instruction, "", *_pick(rng, refs))
 
 
@@ -336,30 +335,22 @@ def _creature(rng: random.Random) -> Dict[str, str]:
     return {k: card[k] for k in ("name", "kind", "color", "size", "mood", "home", "food", "friend") if k in card}
 
 
+def _phrases(card: Mapping[str, str], **templates: str) -> List[str]:
+    """``template.format(card[key])`` for each ``key=template`` whose attribute the card has, in that order."""
+    return [template.format(card[key]) for key, template in templates.items() if key in card]
+
+
 def describe_styles(card: Mapping[str, str]) -> List[str]:
     """The three valid descriptions of a creature card: one sentence, short sentences, a 'meet' paragraph."""
     name, kind = card["name"], card["kind"]
     adjs = [card[k] for k in ("mood", "size", "color") if k in card]
     # style 1: one sentence
-    tail = []
-    if "home" in card:
-        tail.append(f"lives in the {card['home']}")
-    if "food" in card:
-        tail.append(f"eats {card['food']}")
-    if "friend" in card:
-        tail.append(f"plays with {card['friend']}")
+    tail = _phrases(card, home="lives in the {}", food="eats {}", friend="plays with {}")
     one = f"{name} is {article(' '.join(adjs + [kind]))}"
     one += (" that " + and_join(tail) + ".") if tail else "."
     # style 2: short sentences
-    short = [f"{name} is {article(kind)}."]
-    if adjs:
-        short.append(f"It is {and_join(adjs)}.")
-    if "home" in card:
-        short.append(f"It lives in the {card['home']}.")
-    if "food" in card:
-        short.append(f"It eats {card['food']}.")
-    if "friend" in card:
-        short.append(f"Its friend is {card['friend']}.")
+    short = [f"{name} is {article(kind)}."] + ([f"It is {and_join(adjs)}."] if adjs else [])
+    short += _phrases(card, home="It lives in the {}.", food="It eats {}.", friend="Its friend is {}.")
     # style 3: "Meet ..."
     first = f"Meet {name}, {article(' '.join(([card['color']] if 'color' in card else []) + [kind]))}."
     meet = [first]
@@ -466,7 +457,7 @@ DEFAULT_SIZES: Dict[str, int] = {"train": 4000, "valid": 200, "test": 200}
 _SPLIT_RANK = {"test": 0, "valid": 1, "validation": 1, "train": 2}
 
 
-def generate_example(family: str, rng: random.Random) -> Example:
+def generate_example(family: str, rng: random.Random) -> TaskRecord:
     """One example of ``family`` drawn from ``rng``: ``{"instruction", "context", "response", "references",
     "task"}``, with ``response in references``."""
     if family not in TASK_FAMILIES:
@@ -476,7 +467,7 @@ def generate_example(family: str, rng: random.Random) -> Example:
 
 
 def generate_splits(seed: int = 0, sizes: Optional[Mapping[str, int]] = None,
-                    families: Optional[Sequence[str]] = None, max_tries: int = 1000) -> Dict[str, List[Example]]:
+                    families: Optional[Sequence[str]] = None, max_tries: int = 1000) -> Dict[str, List[TaskRecord]]:
     """Examples for each split, every family equally represented, no prompt repeated within or across splits.
 
     ``sizes`` maps split name to number of examples (default ``DEFAULT_SIZES``: 4000/200/200); ``families`` a subset
@@ -491,7 +482,7 @@ def generate_splits(seed: int = 0, sizes: Optional[Mapping[str, int]] = None,
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"sizes[{name!r}] must be a non-negative int, got {n!r}")
     seen = set()  # prompts drawn so far (membership only; never iterated, so hash order cannot leak into output)
-    out: Dict[str, List[Example]] = {}
+    out: Dict[str, List[TaskRecord]] = {}
     order = sorted(sizes, key=lambda s: (_SPLIT_RANK.get(s, 3), list(sizes).index(s)))
     for split in order:
         examples = []
@@ -528,12 +519,6 @@ def write_splits(out_dir, seed: int = 0, sizes: Optional[Mapping[str, int]] = No
     out_dir = Path(out_dir)
     return {split: _write_lines(out_dir / f"{split}.jsonl", (json.dumps(ex, ensure_ascii=False) for ex in examples))
             for split, examples in generate_splits(seed, sizes).items()}
-
-
-def read_jsonl(path) -> List[Example]:
-    """The examples of one ``.jsonl`` file written by ``write_splits``."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Shared pieces of the distillation tests (tests/test_distill_*.py).
 
 * One thread: the CI machine has two shared cores, and OpenMP spinning makes tiny matmuls ~500x slower with two.
-* :func:`workspace` builds the toy workspace (generated instruction set, a byte-level BPE tokenizer trained on it and
-  saved with save_pretrained, random GPT-2 / Llama students and peaked random teachers from configs) once per arch
-  per test session.
+* :func:`workspace` builds the toy workspace of ``minillm_fast.distill.toy`` (the one of the docs' quick start: a
+  generated instruction set, the demo's byte-level BPE trainer run on it and saved with save_pretrained, random
+  GPT-2 / Llama students and peaked random teachers from configs) once per arch per test session.
 * :func:`config` makes a tiny CPU config for it (a few steps, no progress bar, no final evaluation).
 """
 from __future__ import annotations

@@ -1,7 +1,16 @@
 """A tiny, fully local distillation workspace: a generated instruction set, a byte-level BPE tokenizer trained on it,
 and randomly initialised GPT-2 or Llama students and teachers built from configs, all saved with save_pretrained.
 
-Used by the tests and as a quickstart that needs no download::
+The package's one workspace builder at this size: the tests' workspace (tests/distill_utils.py) and the quick start of
+docs/distill.md. Its pieces are the package's: the tokenizer is the demo's BPE trainer
+(``minillm_fast.demo.tokenizer.build_tokenizer``) trained on the examples as the trainer renders them
+(``rendered_texts``, the template of ``minillm_fast.distill.data``), the files are written by ``distill.data``. What is
+its own is what makes it small and quick: four short task kinds over 16 words (:func:`make_examples`, prompts well
+under 64 tokens), three special tokens, vocabulary-padded heads (``vocab_size`` rows for a ~440-token tokenizer) and
+a peaked untied teacher (:func:`build_model`). The built-in demo (``minillm-fast demo``) builds its bigger workspace
+from the same pieces with its own data (``minillm_fast.demo.tasks``) and model shapes (``minillm_fast.demo.configs``).
+
+A quickstart that needs no download::
 
     python -m minillm_fast.distill.toy /tmp/toy            # writes /tmp/toy/{tokenizer,student,teacher,*.jsonl,...}
     minillm-fast distill --config /tmp/toy/minillm.yaml     # the config it writes next to them
@@ -9,12 +18,11 @@ Used by the tests and as a quickstart that needs no download::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 from typing import Optional
 
-from .data import format_prompt
+from .data import write_jsonl
 
 WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "stone", "river", "cloud",
          "apple", "bread", "house")
@@ -40,20 +48,16 @@ def make_examples(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def build_tokenizer(texts: list[str], path: str, vocab_size: int = 512):
-    """A byte-level BPE tokenizer (special tokens ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2) saved to ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}   # ids 0, 1, 2 (build_model's)
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    hf.save_pretrained(path)
-    return hf
+
+def build_tokenizer(texts: list[str], path: str, vocab_size: int = 512):
+    """The demo's byte-level BPE trainer with the toy's settings: ``SPECIAL_TOKENS``, every pair merged (no minimum
+    frequency), digits left to BPE, no length limit; saved to ``path``."""
+    from ..demo.tokenizer import build_tokenizer as train_bpe
+
+    return train_bpe(texts, path, vocab_size, min_frequency=0, special_tokens=SPECIAL_TOKENS, split_digits=False,
+                     model_max_length=None)
 
 
 def build_model(arch: str, vocab_size: int, hidden: int, layers: int, path: Optional[str] = None, seed: int = 0,
@@ -90,22 +94,23 @@ def build_model(arch: str, vocab_size: int, hidden: int, layers: int, path: Opti
 def make_workspace(root: str, *, arch: str = "gpt2", n_train: int = 64, n_valid: int = 8, vocab_size: int = 512,
                    student_hidden: int = 32, teacher_hidden: int = 64, layers: int = 2, seed: int = 0,
                    teacher_logit_scale: float = 20.0) -> dict:
-    """Write the toy workspace under ``root`` and return its paths."""
+    """Write the toy workspace under ``root`` and return its paths: ``train_data``, ``valid_data`` (JSONL),
+    ``pt_data`` (the corpus), ``tokenizer``, ``student`` and ``teacher`` (``save_pretrained`` directories, each with
+    the tokenizer)."""
+    from ..demo.tokenizer import rendered_texts
+
     os.makedirs(root, exist_ok=True)
     train, valid = make_examples(n_train, seed), make_examples(n_valid, seed + 1)
     paths = {k: os.path.join(root, v) for k, v in (("train_data", "train.jsonl"), ("valid_data", "valid.jsonl"),
                                                    ("pt_data", "corpus.txt"), ("tokenizer", "tokenizer"),
                                                    ("student", "student"), ("teacher", "teacher"))}
-    for key, recs in (("train_data", train), ("valid_data", valid)):
-        with open(paths[key], "w") as f:
-            for r in recs:
-                f.write(json.dumps(r) + "\n")
+    write_jsonl(paths["train_data"], train)
+    write_jsonl(paths["valid_data"], valid)
     rng = random.Random(seed + 2)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))) + "." for _ in range(64)]
     with open(paths["pt_data"], "w") as f:
         f.write("\n\n".join(docs) + "\n")
-    texts = [format_prompt(r["instruction"], r.get("context")) + r["response"] for r in train + valid] + docs
-    build_tokenizer(texts, paths["tokenizer"], vocab_size)
+    build_tokenizer(rendered_texts(train + valid, docs), paths["tokenizer"], vocab_size)
     for what, hidden, s, scale in (("student", student_hidden, seed, 1.0),
                                    ("teacher", teacher_hidden, seed + 1, teacher_logit_scale)):
         build_model(arch, vocab_size, hidden, layers, paths[what], seed=s, tie=scale == 1.0, logit_scale=scale)

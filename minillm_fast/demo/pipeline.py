@@ -1,7 +1,8 @@
 """``minillm-fast demo``: the whole MiniLLM mission end to end on a CPU, in minutes, with nothing downloaded.
 
 The paper's Table 1 (teacher, SFT w/o KD, KD, SeqKD, MiniLLM; Rouge-L over 5 seeds) and Table 4 (MiniLLM without
-length normalisation, without teacher-mixed sampling, without the single-step term), at toy scale:
+length normalisation, without teacher-mixed sampling, without the single-step term), at toy scale. ``DemoRun`` runs
+the stages, one method each (``DemoPaths`` says where each writes):
 
 =========  ==========================================================================================================
 stage      what it does (outputs under ``--out``, default ``runs/demo``)
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -203,6 +205,11 @@ def _summary(job: Job) -> str:
     return ""
 
 
+def _running_status(running: Sequence[Job]) -> str:
+    """The running jobs, each training run with its progress: ``"teacher 40%, eval_sft"``."""
+    return ", ".join(f"{j.name} {100 * j.progress():.0f}%" if j.kind == "train" else j.name for j in running)
+
+
 def run_jobs(jobs: List[Job], *, n_parallel: int, threads: int, log_dir: Path, timings: Dict[str, dict],
              say=print) -> None:
     """Run ``jobs`` (subprocesses) respecting their dependencies, ``n_parallel`` at a time, longest first. On a
@@ -221,9 +228,6 @@ def run_jobs(jobs: List[Job], *, n_parallel: int, threads: int, log_dir: Path, t
     write = bar.write if tty else (lambda msg: print(msg, file=sys.stderr, flush=True))
     finished, n_total, t0 = 0, len(pending), time.perf_counter()
     last_status = t0
-
-    def status() -> str:
-        return ", ".join(f"{j.name} {100 * j.progress():.0f}%" if j.kind == "train" else j.name for j in running)
 
     try:
         while pending or running:
@@ -262,12 +266,12 @@ def run_jobs(jobs: List[Job], *, n_parallel: int, threads: int, log_dir: Path, t
                 write(f"  done {job.name:28s} {job.end - job.start:6.1f} s  {_summary(job)}")
             if tty:
                 bar.n = finished + sum(j.progress() for j in running)
-                bar.set_postfix_str(status(), refresh=False)
+                bar.set_postfix_str(_running_status(running), refresh=False)
                 bar.refresh()
             elif time.perf_counter() - last_status >= 30 and running:
                 last_status = time.perf_counter()
                 write(f"  [{last_status - t0:5.0f} s] {finished}/{n_total} jobs done; running: "
-                      f"{status()}")
+                      f"{_running_status(running)}")
     except BaseException:
         for job in running:
             if job.proc is not None and job.proc.poll() is None:
@@ -320,17 +324,11 @@ def _jsonable(x):
 def write_reference_split(src: Path, dst: Path) -> Path:
     """``src`` (tasks' layout) rewritten with ``response`` = every reference phrasing, the stored response first: the
     trainer's validation loss uses the first, Rouge-L and exact match the max over all."""
-    lines = []
-    for line in src.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        ex = json.loads(line)
-        refs = [ex["response"]] + [r for r in ex.get("references", []) if r != ex["response"]]
-        lines.append(json.dumps({"instruction": ex["instruction"], "context": ex.get("context", ""),
-                                 "response": refs, "task": ex.get("task")}, ensure_ascii=False))
-    tmp = dst.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, dst)
+    from ..distill.data import read_jsonl, write_jsonl
+
+    write_jsonl(dst, [{"instruction": ex["instruction"], "context": ex.get("context", ""),
+                       "response": [ex["response"]] + [r for r in ex.get("references", []) if r != ex["response"]],
+                       "task": ex.get("task")} for ex in read_jsonl(src)])
     return dst
 
 
@@ -371,91 +369,163 @@ def export_min_loss_checkpoint(run_dir: Path, init_dir: Path, out_dir: Path) -> 
 def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False, family: str = "llama",
              jobs: Optional[int] = None, threads: int = 1, seed: int = 0, say=print) -> dict:
     """Run the demo into ``out``; returns ``{"report": path, "rows": [...], "timings": {...}}``."""
-    from . import report as R
+    demo = DemoRun(out, QUICK if quick else FULL, family=family, seed=seed,
+                   n_parallel=jobs or max(1, min(2, os.cpu_count() or 1)), threads=threads, say=say)
+    return demo.run(fresh=fresh)
 
-    t_start = time.perf_counter()
-    sched = QUICK if quick else FULL
-    out_dir = Path(out).resolve()
-    if fresh:
-        for sub in ("data", "tokenizer", "init", "models", "runs", "eval", "configs", "logs", "cache.json"):
-            p = out_dir / sub
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache = Cache(out_dir / "cache.json", fresh)
-    n_parallel = jobs or max(1, min(2, os.cpu_count() or 1))
-    timings: Dict[str, dict] = {}
-    say(f"minillm-fast demo ({sched.name}): output in {out_dir}, {n_parallel} job(s) at a time, {threads} thread(s) "
-        f"each")
 
-    def timed(name: str, fn, cached: bool):
-        t0 = time.perf_counter()
-        if not cached:
-            fn()
-        timings[name] = {"seconds": 0.0 if cached else time.perf_counter() - t0, "kind": "setup", "cached": cached}
-        say(f"  {'cached' if cached else 'done'} {name:24s} {timings[name]['seconds']:7.1f} s")
+class DemoPaths:
+    """Where each stage writes, under ``--out``."""
 
-    # 1. data ----------------------------------------------------------------------------------------------------------
-    from . import tasks
+    FRESH = ("data", "tokenizer", "init", "models", "runs", "eval", "configs", "logs", "cache.json")  # --fresh removes
 
-    data = out_dir / "data"
-    data_key = {"v": CACHE_VERSION, "seed": seed, "sizes": sched.sizes, "pretrain_lines": sched.pretrain_lines}
-    paths = {s: data / f"{s}.jsonl" for s in ("train", "valid", "test")}
-    refs = {s: data / f"{s}_refs.jsonl" for s in ("valid", "test")}
-    pt_path = data / "pretrain.txt"
-    data_cached = cache.valid("data", data_key, *paths.values(), *refs.values(), pt_path)
+    def __init__(self, out: Path):
+        self.out = out
+        self.data = out / "data"
+        self.pretrain = self.data / "pretrain.txt"
+        self.tokenizer = out / "tokenizer"
+        self.configs = out / "configs"
+        self.logs = out / "logs"
+        self.teacher = self.run("teacher") / "best"                 # the trained teacher every distillation reads
+        self.seqkd_data = out / "models" / "seqkd_train.jsonl"       # the teacher's SeqKD responses, kept with it
+        self.sft_init = out / "models" / "sft_min_valid_loss"        # MiniLLM's start: SFT of lowest valid loss
 
-    def make_data():
-        tasks.write_splits(data, seed=seed, sizes=sched.sizes)
-        tasks.write_pretrain_corpus(pt_path, seed=seed, n_lines=sched.pretrain_lines)
-        for s in ("valid", "test"):
-            write_reference_split(paths[s], refs[s])
-        cache.store("data", data_key)
+    def split(self, name: str) -> Path:
+        """``data/{name}.jsonl``: a split as ``tasks.write_splits`` writes it."""
+        return self.data / f"{name}.jsonl"
 
-    timed("data", make_data, data_cached)
+    def refs(self, name: str) -> Path:
+        """``data/{name}_refs.jsonl``: the split with every reference phrasing (``write_reference_split``)."""
+        return self.data / f"{name}_refs.jsonl"
 
-    # 2. tokenizer -----------------------------------------------------------------------------------------------------
-    from .tokenizer import build_tokenizer, demo_tokenizer_texts, load_tokenizer
+    def init(self, what: str) -> Path:
+        """``init/teacher`` or ``init/student``: the model before training, saved with the tokenizer."""
+        return self.out / "init" / what
 
-    tok_dir = out_dir / "tokenizer"
-    tok_key = {"data": data_key}
-    tok_cached = data_cached and cache.valid("tokenizer", tok_key, tok_dir / "tokenizer.json")
+    def run(self, name: str) -> Path:
+        return self.out / "runs" / name
 
-    def make_tokenizer():
-        build_tokenizer(demo_tokenizer_texts(data), tok_dir)
-        cache.store("tokenizer", tok_key)
+    def eval(self, name: str) -> Path:
+        return self.out / "eval" / name
 
-    timed("tokenizer", make_tokenizer, tok_cached)
-    tok = load_tokenizer(tok_dir)
+    def config(self, name: str) -> Path:
+        return self.configs / f"{name}.yaml"
 
-    # 3. initial models ------------------------------------------------------------------------------------------------
-    from .configs import build_model, num_parameters, special_token_ids, student_config, teacher_config
 
-    ids = special_token_ids(tok)
-    t_cfg = teacher_config(len(tok), family, quick=sched.quick_models, **ids)
-    s_cfg = student_config(len(tok), family, quick=sched.quick_models, **ids)
-    params = {"teacher": num_parameters(t_cfg), "student": num_parameters(s_cfg)}
-    init = {"teacher": out_dir / "init" / "teacher", "student": out_dir / "init" / "student"}
-    init_key = {"tokenizer": tok_key, "family": family, "quick": sched.quick_models, "seed": seed}
-    init_cached = tok_cached and cache.valid("init", init_key, *(p / "config.json" for p in init.values()))
+class DemoRun:
+    """One ``minillm-fast demo`` run, one method per stage in the order :meth:`run` calls them: ``data``,
+    ``tokenizer``, ``initial_models``, ``native_extension`` (set-up, timed, cached when their settings are
+    unchanged), the jobs (``teacher_job``, one method per student, ``eval_jobs``) run by ``train_and_evaluate``, then
+    ``report``.
 
-    def make_init():
+    What a stage leaves for the later ones is on ``self``: ``keys[name]`` (the settings that made a cached artefact,
+    the cache key of everything built from it) and ``cached[name]`` (reused from an earlier run), ``tok``, ``params``
+    (parameter counts), ``sft_selection`` (filled when the SFT job ends), ``timings`` (the report's table, in order).
+    """
+
+    def __init__(self, out, sched: Schedule, *, family: str, seed: int, n_parallel: int, threads: int, say=print):
+        self.paths = DemoPaths(Path(out).resolve())
+        self.sched, self.family, self.seed = sched, family, seed
+        self.n_parallel, self.threads, self.say = n_parallel, threads, say
+        # every distill run's keys beyond its schedule's (the teacher's cache key includes them)
+        self.common = dict(sched.common, tokenizer=str(self.paths.tokenizer), train_data=str(self.paths.split("train")),
+                           valid_data=str(self.paths.refs("valid")), seed=10)
+        self.timings: Dict[str, dict] = {}
+        self.keys: Dict[str, dict] = {}
+        self.cached: Dict[str, bool] = {}
+        self.sft_selection: dict = {}
+        self.tok = None
+        self.params: Dict[str, int] = {}
+        self.cache: Optional[Cache] = None
+
+    def run(self, fresh: bool = False) -> dict:
+        t_start = time.perf_counter()
+        self.prepare(fresh)
+        self.data()
+        self.tokenizer()
+        self.initial_models()
+        self.native_extension()
+        jobs = [self.teacher_job(), self.sft_job(), self.kd_job(), self.seqkd_job(), *self.minillm_jobs(),
+                self.okd_job(), *self.eval_jobs()]
+        self.train_and_evaluate(jobs)
+        return self.report(t_start)
+
+    # set-up stages ----------------------------------------------------------------------------------------------------
+    def prepare(self, fresh: bool) -> None:
+        """The output directory (emptied of every stage's outputs with ``fresh``) and its cache."""
+        out = self.paths.out
+        if fresh:
+            for sub in DemoPaths.FRESH:
+                path = out / sub
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        self.cache = Cache(out / "cache.json", fresh)
+        self.say(f"minillm-fast demo ({self.sched.name}): output in {out}, {self.n_parallel} job(s) at a time, "
+                 f"{self.threads} thread(s) each")
+
+    def data(self) -> None:
+        """train/valid/test splits, the pre-training corpus, and the valid/test files with every reference."""
+        p = self.paths
+        key = {"v": CACHE_VERSION, "seed": self.seed, "sizes": self.sched.sizes,
+               "pretrain_lines": self.sched.pretrain_lines}
+        outputs = [p.split(s) for s in ("train", "valid", "test")] + [p.refs(s) for s in ("valid", "test")]
+        self._setup_stage("data", key, [*outputs, p.pretrain], self._write_data)
+
+    def _write_data(self) -> None:
+        from . import tasks
+
+        p = self.paths
+        tasks.write_splits(p.data, seed=self.seed, sizes=self.sched.sizes)
+        tasks.write_pretrain_corpus(p.pretrain, seed=self.seed, n_lines=self.sched.pretrain_lines)
+        for split in ("valid", "test"):
+            write_reference_split(p.split(split), p.refs(split))
+
+    def tokenizer(self) -> None:
+        """The BPE tokenizer trained on the rendered data (``tokenizer.build_tokenizer``); loaded into ``tok``."""
+        from .tokenizer import load_tokenizer
+
+        self._setup_stage("tokenizer", {"data": self.keys["data"]}, [self.paths.tokenizer / "tokenizer.json"],
+                          self._write_tokenizer, after="data")
+        self.tok = load_tokenizer(self.paths.tokenizer)
+
+    def _write_tokenizer(self) -> None:
+        from .tokenizer import build_tokenizer, demo_tokenizer_texts
+
+        build_tokenizer(demo_tokenizer_texts(self.paths.data), self.paths.tokenizer)
+
+    def initial_models(self) -> None:
+        """The teacher and the student before training, from ``configs``, saved with the tokenizer."""
+        from .configs import num_parameters, special_token_ids, student_config, teacher_config
+
+        ids, vocab, quick = special_token_ids(self.tok), len(self.tok), self.sched.quick_models
+        configs = {"teacher": teacher_config(vocab, self.family, quick=quick, **ids),
+                   "student": student_config(vocab, self.family, quick=quick, **ids)}
+        self.params = {what: num_parameters(cfg) for what, cfg in configs.items()}
+        key = {"tokenizer": self.keys["tokenizer"], "family": self.family, "quick": quick, "seed": self.seed}
+        self._setup_stage("init", key, [self.paths.init(w) / "config.json" for w in configs],
+                          functools.partial(self._write_initial_models, configs), after="tokenizer")
+        t, s = self.params["teacher"], self.params["student"]
+        self.say(f"  teacher {t / 1e6:.2f}M parameters, student {s / 1e6:.2f}M ({t / s:.1f}x smaller), "
+                 f"{self.family}, vocabulary {len(self.tok)}")
+
+    def _write_initial_models(self, configs: dict) -> None:
+        from .configs import build_model
+
         _quiet_transformers()
-        for what, cfg, s in (("teacher", t_cfg, seed), ("student", s_cfg, seed + 1)):
-            model = build_model(cfg, seed=s)
-            model.save_pretrained(str(init[what]))
-            tok.save_pretrained(str(init[what]))
-        cache.store("init", init_key)
+        seeds = {"teacher": self.seed, "student": self.seed + 1}
+        for what, cfg in configs.items():
+            build_model(cfg, seed=seeds[what]).save_pretrained(str(self.paths.init(what)))
+            self.tok.save_pretrained(str(self.paths.init(what)))
 
-    timed("init", make_init, init_cached)
-    say(f"  teacher {params['teacher'] / 1e6:.2f}M parameters, student {params['student'] / 1e6:.2f}M "
-        f"({params['teacher'] / params['student']:.1f}x smaller), {family}, vocabulary {len(tok)}")
+    def native_extension(self) -> None:
+        """The fused ops' C++ extension compiles on first use (about a minute, once per machine): here, once, rather
+        than inside the first jobs that need it."""
+        self._timed("native extension", self._warm_native, cached=False)
 
-    # the fused ops' C++ extension compiles on first use (about a minute, once per machine): do it here, once,
-    # rather than inside the first jobs that need it
-    def warm_native():
+    def _warm_native(self) -> None:
         try:
             import torch
 
@@ -464,108 +534,148 @@ def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False
             if not torch.cuda.is_available() and hasattr(backends, "native_available"):
                 backends.native_available(torch.device("cpu"))
         except Exception as e:  # noqa: BLE001 - the jobs fall back to the torch backend and say why
-            say(f"  (native extension not available: {e})")
+            self.say(f"  (native extension not available: {e})")
 
-    timed("native extension", warm_native, False)
+    def _timed(self, name: str, build, cached: bool) -> None:
+        t0 = time.perf_counter()
+        if not cached:
+            build()
+        seconds = 0.0 if cached else time.perf_counter() - t0
+        self.timings[name] = {"seconds": seconds, "kind": "setup", "cached": cached}
+        self.say(f"  {'cached' if cached else 'done'} {name:24s} {seconds:7.1f} s")
 
-    # 4-6. jobs --------------------------------------------------------------------------------------------------------
-    cfg_dir, runs, evals = out_dir / "configs", out_dir / "runs", out_dir / "eval"
-    common = dict(sched.common, tokenizer=str(tok_dir), train_data=str(paths["train"]),
-                  valid_data=str(refs["valid"]), seed=10)
+    def _reusable(self, name: str, key: dict, outputs: Sequence[Path], after: Optional[str] = None) -> bool:
+        """Record ``name``'s cache key; whether its outputs from an earlier run can be reused (the settings that made
+        them, and what ``after`` names, unchanged). An entry that cannot be reused is dropped from the cache."""
+        cached = (after is None or self.cached[after]) and self.cache.valid(name, key, *outputs)
+        self.keys[name], self.cached[name] = key, cached
+        if not cached:
+            self.cache.drop(name)
+        return cached
 
-    def distill_job(name, values, deps, cost, after=None, cached=False, exclusive=False):
-        values = dict(common, **values, output_dir=str(runs / name))
-        path = _write_yaml(cfg_dir / f"{name}.yaml", values)
+    def _setup_stage(self, name: str, key: dict, outputs: Sequence[Path], build, after: Optional[str] = None) -> None:
+        cached = self._reusable(name, key, outputs, after)
+        self._timed(name, functools.partial(self._build_and_store, name, build), cached)
+
+    def _build_and_store(self, name: str, build) -> None:
+        build()
+        self.cache.store(name, self.keys[name])
+
+    # jobs -------------------------------------------------------------------------------------------------------------
+    def _distill_job(self, name: str, values: dict, deps: List[str], cost: float, **job) -> Job:
+        """A ``minillm-fast distill`` job: its config (``common`` + ``values``) written to ``configs/{name}.yaml``."""
+        values = dict(self.common, **values, output_dir=str(self.paths.run(name)))
+        path = _write_yaml(self.paths.config(name), values)
         return Job(name, "train", ["distill", "--config", str(path)], deps=deps, cost=cost,
-                   total_steps=int(values["total_iters"]), run_dir=str(runs / name), after=after, cached=cached,
-                   exclusive=exclusive)
+                   total_steps=int(values["total_iters"]), run_dir=str(self.paths.run(name)), **job)
 
-    def eval_job(name, model_dir, deps, cost, after=None, cached=False):
-        argv = ["evaluate", "--model", str(model_dir), "--data", str(refs["test"]), "--output", str(evals / name),
-                "--seeds", *map(str, sched.seeds), "--max-length", str(common["max_length"]),
-                "--max-prompt-length", str(common["max_prompt_length"]),
-                "--max-new-tokens", str(common["max_new_tokens"]), "--batch-size", str(sched.eval_batch_size)]
-        return Job(name=f"eval_{name}", kind="eval", argv=argv, deps=deps, cost=cost, after=after, cached=cached)
+    def _eval_job(self, name: str, model_dir: Path, deps: List[str], cost: float, **job) -> Job:
+        """A ``minillm-fast evaluate`` job of ``model_dir`` on the test split, over the schedule's seeds."""
+        c, sched = self.common, self.sched
+        argv = ["evaluate", "--model", str(model_dir), "--data", str(self.paths.refs("test")), "--output",
+                str(self.paths.eval(name)), "--seeds", *map(str, sched.seeds), "--max-length", str(c["max_length"]),
+                "--max-prompt-length", str(c["max_prompt_length"]), "--max-new-tokens", str(c["max_new_tokens"]),
+                "--batch-size", str(sched.eval_batch_size)]
+        return Job(name=f"eval_{name}", kind="eval", argv=argv, deps=deps, cost=cost, **job)
 
-    teacher_dir = runs / "teacher" / "best"
-    teacher_key = {"init": init_key, "common": common, "teacher": sched.teacher}
-    teacher_cached = init_cached and cache.valid("teacher", teacher_key, teacher_dir / "config.json")
-    eval_key = {"teacher": teacher_key, "test": str(refs["test"]), "seeds": list(sched.seeds),
-                "batch": sched.eval_batch_size}
-    teacher_eval_cached = teacher_cached and cache.valid("eval_teacher", eval_key,
-                                                         evals / "teacher" / "results.json")
-    seqkd_cache = out_dir / "models" / "seqkd_train.jsonl"
-    seqkd_key = {"teacher": teacher_key, "seqkd": sched.seqkd}
-    seqkd_cached = teacher_cached and cache.valid("seqkd_data", seqkd_key, seqkd_cache)
-    if not teacher_cached:
-        cache.drop("teacher")
-    if not teacher_eval_cached:
-        cache.drop("eval_teacher")
-    if not seqkd_cached:
-        cache.drop("seqkd_data")
+    def _record_cached(self, name: str, kind: str) -> None:
+        self.timings[name] = {"seconds": 0.0, "kind": kind, "cached": True}
 
-    sft_init = out_dir / "models" / "sft_min_valid_loss"
-    selection = {}
+    def teacher_job(self) -> Job:
+        """SFT of the teacher, alone with every thread (every job but SFT waits for it); reused when cached."""
+        key = {"init": self.keys["init"], "common": self.common, "teacher": self.sched.teacher}
+        cached = self._reusable("teacher", key, [self.paths.teacher / "config.json"], after="init")
+        values = dict(self.sched.teacher, method="sft", student=str(self.paths.init("teacher")))
+        job = self._distill_job("teacher", values, [], 100.0, cached=cached, exclusive=True,
+                                after=functools.partial(self.cache.store, "teacher", key))
+        if cached:
+            self._record_cached("teacher", "train")
+            self.say(f"  cached {'teacher':24s} {0.0:7.1f} s")
+        return job
 
-    def after_sft():
-        selection.update(export_min_loss_checkpoint(runs / "sft", init["student"], sft_init))
+    def sft_job(self) -> Job:
+        """SFT of the student, without the teacher (it would only score SFT's validation samples, 80 s of the
+        15-minute budget); a checkpoint at every evaluation, for ``_after_sft``'s selection."""
+        sft = self.sched.sft
+        n_evals = -(-int(sft["total_iters"]) // int(sft["eval_interval"]))
+        return self._distill_job("sft", dict(sft, method="sft", student=str(self.paths.init("student")),
+                                             save_interval=sft["eval_interval"], keep_checkpoints=n_evals + 1),
+                                 [], 20.0, after=self._after_sft)
 
-    def after_seqkd():
-        src = runs / "seqkd" / "seqkd_train.jsonl"
-        if src.exists() and not seqkd_cached:
-            seqkd_cache.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, seqkd_cache)
-            cache.store("seqkd_data", seqkd_key)
+    def _after_sft(self) -> None:
+        self.sft_selection.update(export_min_loss_checkpoint(self.paths.run("sft"), self.paths.init("student"),
+                                                             self.paths.sft_init))
 
-    student = str(init["student"])
-    teacher = str(teacher_dir)
-    n_sft_evals = -(-int(sched.sft["total_iters"]) // int(sched.sft["eval_interval"]))
-    job_list = [
-        distill_job("teacher", dict(sched.teacher, method="sft", student=str(init["teacher"])), [], 100.0,
-                    after=lambda: cache.store("teacher", teacher_key), cached=teacher_cached, exclusive=True),
-        # without the teacher (it would only score SFT's validation samples, 80 s of the 15-minute budget)
-        distill_job("sft", dict(sched.sft, method="sft", student=student,
-                                save_interval=sched.sft["eval_interval"], keep_checkpoints=n_sft_evals + 1),
-                    [], 20.0, after=after_sft),
-        distill_job("kd", dict(sched.kd, method="kd", student=student, teacher=teacher), ["teacher"], 40.0),
-        distill_job("seqkd", dict(sched.seqkd, method="seqkd", student=student, teacher=teacher,
-                                  **({"seqkd_data": str(seqkd_cache)} if seqkd_cached else {})),
-                    ["teacher"], 45.0, after=after_seqkd),
-    ]
-    for name, overrides in MINILLM_ABLATIONS.items():
-        job_list.append(distill_job(name, dict(sched.minillm, method="minillm", student=str(sft_init),
-                                               teacher=teacher, pt_data=str(pt_path), **overrides),
-                                    ["teacher", "sft"], 50.0))
-    # OKD starts from the same initial student as KD (no SFT phase, no sampling)
-    job_list.append(distill_job("okd", dict(sched.okd, method="okd", student=student, teacher=teacher), ["teacher"],
-                                60.0))
-    job_list.append(eval_job("teacher", teacher_dir, ["teacher"], 15.0, cached=teacher_eval_cached,
-                             after=lambda: cache.store("eval_teacher", eval_key)))
-    for name, _ in METHODS[1:]:
-        job_list.append(eval_job(name, runs / name / "best", [name], 5.0))
-    if teacher_cached:
-        timings["teacher"] = {"seconds": 0.0, "kind": "train", "cached": True}
-        say(f"  cached {'teacher':24s} {0.0:7.1f} s")
-    if teacher_eval_cached:
-        timings["eval_teacher"] = {"seconds": 0.0, "kind": "eval", "cached": True}
+    def _from_teacher(self, method: str, values: dict) -> dict:
+        """A student run from the initial student against the trained teacher."""
+        return dict(values, method=method, student=str(self.paths.init("student")), teacher=str(self.paths.teacher))
 
-    say(f"training and evaluation: {sum(not j.cached for j in job_list)} jobs (configs in {cfg_dir}, logs in "
-        f"{out_dir / 'logs'})")
-    t_jobs = time.perf_counter()
-    run_jobs(job_list, n_parallel=n_parallel, threads=threads, log_dir=out_dir / "logs", timings=timings)
-    timings["jobs (wall)"] = {"seconds": time.perf_counter() - t_jobs, "kind": "wall", "cached": False}
+    def kd_job(self) -> Job:
+        return self._distill_job("kd", self._from_teacher("kd", self.sched.kd), ["teacher"], 40.0)
 
-    # 7. report --------------------------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    rows = R.collect_rows(out_dir, METHODS, params)
-    timings["total (wall)"] = {"seconds": time.perf_counter() - t_start, "kind": "wall", "cached": False}
-    info = {"schedule": dataclasses.asdict(sched), "family": family, "params": params, "n_parallel": n_parallel,
-            "threads": threads, "sft_selection": selection, "seed": seed}
-    path = R.write_report(out_dir, rows, timings, info, minillm_runs={n: runs / n for n in MINILLM_ABLATIONS},
-                          init_point=selection)
-    timings["report"] = {"seconds": time.perf_counter() - t0, "kind": "setup", "cached": False}
-    (out_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    return {"report": str(path), "rows": rows, "timings": timings, "table": R.markdown_table(rows)}
+    def seqkd_job(self) -> Job:
+        """SeqKD; the teacher's responses of an earlier run are reused when the teacher is, and kept for the next."""
+        key = {"teacher": self.keys["teacher"], "seqkd": self.sched.seqkd}
+        cached = self._reusable("seqkd_data", key, [self.paths.seqkd_data], after="teacher")
+        values = self._from_teacher("seqkd", self.sched.seqkd)
+        if cached:
+            values["seqkd_data"] = str(self.paths.seqkd_data)
+        return self._distill_job("seqkd", values, ["teacher"], 45.0, after=self._after_seqkd)
+
+    def _after_seqkd(self) -> None:
+        src = self.paths.run("seqkd") / "seqkd_train.jsonl"
+        if src.exists() and not self.cached["seqkd_data"]:
+            self.paths.seqkd_data.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, self.paths.seqkd_data)
+            self.cache.store("seqkd_data", self.keys["seqkd_data"])
+
+    def minillm_jobs(self) -> List[Job]:
+        """MiniLLM from the SFT checkpoint of lowest validation loss (paper, appendix B.1) and its three ablations."""
+        return [self._distill_job(name, dict(self.sched.minillm, method="minillm", student=str(self.paths.sft_init),
+                                             teacher=str(self.paths.teacher), pt_data=str(self.paths.pretrain),
+                                             **overrides), ["teacher", "sft"], 50.0)
+                for name, overrides in MINILLM_ABLATIONS.items()]
+
+    def okd_job(self) -> Job:
+        """OKD from the same initial student as KD (no SFT phase, no sampling)."""
+        return self._distill_job("okd", self._from_teacher("okd", self.sched.okd), ["teacher"], 60.0)
+
+    def eval_jobs(self) -> List[Job]:
+        """Every model on the test split; the teacher's evaluation is reused with the teacher."""
+        key = {"teacher": self.keys["teacher"], "test": str(self.paths.refs("test")), "seeds": list(self.sched.seeds),
+               "batch": self.sched.eval_batch_size}
+        cached = self._reusable("eval_teacher", key, [self.paths.eval("teacher") / "results.json"], after="teacher")
+        jobs = [self._eval_job("teacher", self.paths.teacher, ["teacher"], 15.0, cached=cached,
+                               after=functools.partial(self.cache.store, "eval_teacher", key))]
+        if cached:
+            self._record_cached("eval_teacher", "eval")
+        return jobs + [self._eval_job(name, self.paths.run(name) / "best", [name], 5.0) for name, _ in METHODS[1:]]
+
+    def train_and_evaluate(self, jobs: List[Job]) -> None:
+        self.say(f"training and evaluation: {sum(not j.cached for j in jobs)} jobs (configs in "
+                 f"{self.paths.configs}, logs in {self.paths.logs})")
+        t0 = time.perf_counter()
+        run_jobs(jobs, n_parallel=self.n_parallel, threads=self.threads, log_dir=self.paths.logs,
+                 timings=self.timings)
+        self.timings["jobs (wall)"] = {"seconds": time.perf_counter() - t0, "kind": "wall", "cached": False}
+
+    # report -----------------------------------------------------------------------------------------------------------
+    def report(self, t_start: float) -> dict:
+        """``report.md`` and its plots (``report.write_report``), ``timings.json``; the run's result."""
+        from . import report as R
+
+        t0 = time.perf_counter()
+        rows = R.collect_rows(self.paths.out, METHODS, self.params)
+        self.timings["total (wall)"] = {"seconds": time.perf_counter() - t_start, "kind": "wall", "cached": False}
+        info = {"schedule": dataclasses.asdict(self.sched), "family": self.family, "params": self.params,
+                "n_parallel": self.n_parallel, "threads": self.threads, "sft_selection": self.sft_selection,
+                "seed": self.seed}
+        path = R.write_report(self.paths.out, rows, self.timings, info,
+                              minillm_runs={n: self.paths.run(n) for n in MINILLM_ABLATIONS},
+                              init_point=self.sft_selection)
+        self.timings["report"] = {"seconds": time.perf_counter() - t0, "kind": "setup", "cached": False}
+        (self.paths.out / "timings.json").write_text(json.dumps(self.timings, indent=2))
+        return {"report": str(path), "rows": rows, "timings": self.timings, "table": R.markdown_table(rows)}
 
 
 def _quiet_transformers() -> None:

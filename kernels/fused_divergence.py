@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from .configs import check_supported, dot_precision, interpreter_safe, rowmajor, scaling_args, tile_config
-from .tiles import LOG_ZERO, _accumulate_head_grads, _logaddexp, _logits_tile, _online_update, _scale
+from .tiles import (LOG_ZERO, _accumulate_head_grads, _logaddexp, _logits_tile, _online_update, _row_block, _scale,
+                    _softmax_start, _tile_2d)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,15 +164,11 @@ def _fused_divergence_fwd_kernel(
     DOT_S: tl.constexpr, DOT_T: tl.constexpr,   # each model's dot precision
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
+    o_n, m_n = _row_block(N, BLOCK_N)
 
     # pass 1: online max / sum-exp of both models
-    m_s = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l_s = tl.zeros((BLOCK_N,), tl.float32)
-    m_t = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    m_s, l_s = _softmax_start(BLOCK_N)
+    m_t, l_t = _softmax_start(BLOCK_N)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]
@@ -224,12 +221,7 @@ def _fused_divergence_bwd_kernel(
     DOT_S: tl.constexpr, DOT_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_v = tl.program_id(1)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    m_n = o_n < N
-    valid = m_n[:, None] & (o_v < V)[None, :]
+    o_n, o_v, m_n, valid = _tile_2d(N, V, BLOCK_N, BLOCK_V)
 
     m_s = tl.load(stats_ptr + o_n * 6 + 0, mask=m_n, other=0.0)
     ll_s = tl.load(stats_ptr + o_n * 6 + 1, mask=m_n, other=0.0)
@@ -284,14 +276,10 @@ def _divergence_rows_kernel(
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < C
+    o_n, m_n = _row_block(C, BLOCK_N)
 
-    m_s = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l_s = tl.zeros((BLOCK_N,), tl.float32)
-    m_t = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    m_s, l_s = _softmax_start(BLOCK_N)
+    m_t, l_t = _softmax_start(BLOCK_N)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = m_n[:, None] & (o_v < V)[None, :]

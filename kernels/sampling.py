@@ -35,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .configs import check_supported, dot_precision, interpreter_safe, rowmajor, scaling_args
-from .tiles import LOG_ZERO, _gather, _kl_update, _logits_tile, _online_update, _scale
+from .tiles import (LOG_ZERO, _gather, _kl_update, _logits_tile, _online_update, _row_block, _scale, _softmax_start,
+                    _split_range)
 from .token_logprobs import merge_lse, split_config
 
 __all__ = ["rollout_statistics", "sample"]
@@ -108,22 +109,17 @@ def _rollout_statistics_kernel(
     DOT_S: tl.constexpr, DOT_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_s = tl.program_id(1)
+    o_n, m_n = _row_block(N, BLOCK_N)
+    i_s = tl.program_id(1)  # this program's vocabulary split, of n_s
     n_s = tl.num_programs(1)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
     y = tl.load(y_ptr + o_n, mask=m_n, other=-1)
 
-    m_s = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l_s = tl.zeros((BLOCK_N,), tl.float32)
-    m_t = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    m_s, l_s = _softmax_start(BLOCK_N)
+    m_t, l_t = _softmax_start(BLOCK_N)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     s_y = tl.zeros((BLOCK_N,), tl.float32)
     t_y = tl.zeros((BLOCK_N,), tl.float32)
-    v_start = i_s * SPLIT_V
-    v_stop = tl.minimum(v_start + SPLIT_V, V)
+    v_start, v_stop = _split_range(V, SPLIT_V)
     for v0 in range(v_start, v_stop, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]
@@ -160,25 +156,20 @@ def _sample_kernel(
     TEACHER: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_s = tl.program_id(1)
+    o_n, m_n = _row_block(N, BLOCK_N)
+    i_s = tl.program_id(1)  # this program's vocabulary split, of n_s
     n_s = tl.num_programs(1)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
     seed = tl.load(seed_ptr)
     # The component coin of each row: the same in every split, since it only depends on (seed, row).
     use_t = _uniform(seed, o_n * 0, o_n, 1) < alpha
 
-    m_s = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l_s = tl.zeros((BLOCK_N,), tl.float32)
-    m_t = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l_t = tl.zeros((BLOCK_N,), tl.float32)
+    m_s, l_s = _softmax_start(BLOCK_N)
+    m_t, l_t = _softmax_start(BLOCK_N)
     best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     tok = tl.zeros((BLOCK_N,), tl.int32)
     s_b = tl.zeros((BLOCK_N,), tl.float32)
     t_b = tl.zeros((BLOCK_N,), tl.float32)
-    v_start = i_s * SPLIT_V
-    v_stop = tl.minimum(v_start + SPLIT_V, V)
+    v_start, v_stop = _split_range(V, SPLIT_V)
     for v0 in range(v_start, v_stop, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]

@@ -19,6 +19,35 @@ LOG_ZERO = tl.constexpr(-1.0e30)  # finite "log 0": exp() of it is 0 and LOG_ZER
 
 
 @triton.jit
+def _row_block(N, BLOCK_N: tl.constexpr):
+    """This program's rows (grid axis 0): offsets ``o_n`` [BN] and their mask."""
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return o_n, o_n < N
+
+
+@triton.jit
+def _tile_2d(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """This program's (row block, vocabulary block) of a 2D grid: ``o_n`` [BN], ``o_v`` [BV], the row mask and the
+    [BN, BV] mask of real entries."""
+    o_n, m_n = _row_block(N, BLOCK_N)
+    o_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return o_n, o_v, m_n, m_n[:, None] & (o_v < V)[None, :]
+
+
+@triton.jit
+def _split_range(V, SPLIT_V):
+    """The vocabulary entries ``[start, stop)`` of this program's split (grid axis 1) of a split-vocabulary sweep."""
+    start = tl.program_id(1) * SPLIT_V
+    return start, tl.minimum(start + SPLIT_V, V)
+
+
+@triton.jit
+def _softmax_start(BLOCK_N: tl.constexpr):
+    """A model's running row max (LOG_ZERO) and sum-exp (0) before the first tile, [BN] each."""
+    return tl.full((BLOCK_N,), LOG_ZERO, tl.float32), tl.zeros((BLOCK_N,), tl.float32)
+
+
+@triton.jit
 def _tanh(x):
     # libdevice.tanh does not run under the CPU interpreter; exp-based forms lose relative accuracy near 0
     # (1 - e^(-2|x|) cancels), so small |x| takes the odd Taylor series (error < 1e-9 relative at |x| = 0.2).

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from . import configs
 from .configs import check_supported, dot_precision, interpreter_safe, rowmajor, tile_config
-from .tiles import LOG_ZERO, _accumulate_head_grads, _gather, _kl_update, _logits_tile, _online_update, _scale
+from .tiles import (LOG_ZERO, _accumulate_head_grads, _gather, _kl_update, _logits_tile, _online_update, _row_block,
+                    _scale, _softmax_start, _split_range, _tile_2d)
 
 __all__ = ["merge_lse", "split_config", "token_logprobs_bwd", "token_logprobs_fwd"]
 
@@ -59,21 +60,17 @@ def _token_logprobs_fwd_kernel(
     HAS_BIAS: tl.constexpr, USE_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_s = tl.program_id(1)
+    o_n, m_n = _row_block(N, BLOCK_N)
+    i_s = tl.program_id(1)  # this program's vocabulary split, of n_s
     n_s = tl.num_programs(1)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
     y = tl.load(y_ptr + o_n, mask=m_n, other=-1)
 
-    m = tl.full((BLOCK_N,), LOG_ZERO, tl.float32)
-    l = tl.zeros((BLOCK_N,), tl.float32)
+    m, l = _softmax_start(BLOCK_N)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     s_y = tl.zeros((BLOCK_N,), tl.float32)
     flat = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)  # the entropy numerator is a KL numerator against b = 0
     zero_n = tl.zeros((BLOCK_N,), tl.float32)
-    v_start = i_s * SPLIT_V
-    v_stop = tl.minimum(v_start + SPLIT_V, V)
+    v_start, v_stop = _split_range(V, SPLIT_V)
     for v0 in range(v_start, v_stop, BLOCK_V):
         o_v = v0 + tl.arange(0, BLOCK_V)
         valid = (o_v < V)[None, :]
@@ -113,12 +110,7 @@ def _token_logprobs_bwd_kernel(
     NEED_GH: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_v = tl.program_id(1)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_v = i_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    m_n = o_n < N
-    valid = m_n[:, None] & (o_v < V)[None, :]
+    o_n, o_v, m_n, valid = _tile_2d(N, V, BLOCK_N, BLOCK_V)
 
     y = tl.load(y_ptr + o_n, mask=m_n, other=-1)
     big = tl.load(stats_ptr + o_n * 2 + 0, mask=m_n, other=0.0)

@@ -10,10 +10,6 @@ and the matmul floor, on named shape presets. See bench/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -23,29 +19,23 @@ from typing import Optional
 import torch
 
 from . import cases, measure, report, shapes
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "bench" / "results"
-
-
-def _csv_list(s: str) -> list:
-    return [x.strip() for x in s.split(",") if x.strip()]
+from .runner import DEFAULT_OUT, Runner, csv_list
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", type=_csv_list, help="comma-separated presets (default: issue3,liger-cpu on CPU; "
+    p.add_argument("--preset", type=csv_list, help="comma-separated presets (default: issue3,liger-cpu on CPU; "
                    "gpu,llama3,qwen2.5 on CUDA; tiny with --quick); see --list")
-    p.add_argument("--op", type=_csv_list, help="comma-separated ops (default: all benchmarked ops)")
-    p.add_argument("--divergence", type=_csv_list, default=["reverse_kl"],
+    p.add_argument("--op", type=csv_list, help="comma-separated ops (default: all benchmarked ops)")
+    p.add_argument("--divergence", type=csv_list, default=["reverse_kl"],
                    help="fused_divergence's divergence(s), comma-separated, or 'all' "
                         f"({', '.join(cases.DIVERGENCE_NAMES)}; default reverse_kl)")
-    p.add_argument("--mode", type=_csv_list, default=list(measure.MODES),
+    p.add_argument("--mode", type=csv_list, default=list(measure.MODES),
                    help="comma-separated: fwd, bwd, fwd_bwd (default: all three)")
-    p.add_argument("--impl", type=_csv_list,
+    p.add_argument("--impl", type=csv_list,
                    help="comma-separated implementations (default: all; the floor is always measured)")
-    p.add_argument("--tokens", type=lambda s: [int(x) for x in _csv_list(s)],
+    p.add_argument("--tokens", type=lambda s: [int(x) for x in csv_list(s)],
                    help="comma-separated token counts N, overriding the presets' sweeps")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16, overriding the presets' dtype")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -95,44 +85,6 @@ class Job:
                     seed=args.seed, threads=args.threads, reps=args.reps, warmup=args.warmup, modes=self.modes,
                     impl=self.impl.name if self.impl else None, truth_path=self.truth_path,
                     tol=measure.TOLERANCE[self.shape.dtype])
-
-
-class Runner:
-    """Runs a batch of job specs in one fresh subprocess (CPU) or in this process (CUDA, or --in-process)."""
-
-    def __init__(self, in_process: bool, tmp: Path, timeout: float, threads: int):
-        self.in_process, self.tmp, self.timeout, self.threads = in_process, tmp, timeout, threads
-        self.count = 0
-
-    def __call__(self, specs: list) -> list:
-        if self.in_process:
-            from .worker import run_spec
-
-            results = [run_spec(s) for s in specs]
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return results
-        self.count += 1
-        spec_path, result_path = self.tmp / f"job{self.count}.json", self.tmp / f"job{self.count}.result.json"
-        log_path = self.tmp / f"job{self.count}.log"
-        spec_path.write_text(json.dumps(specs))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                   OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-        timeout = self.timeout * len(specs)
-        try:
-            with open(log_path, "w") as log:
-                proc = subprocess.run([sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)],
-                                      cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return [dict(status="error", error=f"timed out after {timeout:.0f} s (--timeout)")] * len(specs)
-        if proc.returncode == 0 and result_path.exists():
-            return json.loads(result_path.read_text())
-        tail = log_path.read_text()[-600:].strip().replace("\n", " | ")
-        if proc.returncode in (-9, 137):
-            failed = dict(status="oom", error=f"worker killed (signal 9: out of memory?) {tail}")
-        else:
-            failed = dict(status="error", error=f"worker exited with {proc.returncode}: {tail}")
-        return [failed] * len(specs)
 
 
 def _opts(args, divergence: str) -> dict:
@@ -376,13 +328,7 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: (r["preset"], r["op"], r["variant"], r["tokens"], order.get(r["impl"], 99),
                              measure.MODES.index(r["mode"])))
     report.add_ratios(rows)
-    print(report.table(rows))
-    csv_path = report.write_csv(rows, out_dir)
-    print(f"\nCSV: {csv_path} ({len(rows)} rows appended)")
-    if not args.no_plot:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        for path in report.plot(rows, out_dir, stamp):
-            print(f"plot: {path}")
+    report.publish(rows, out_dir, report.table, None if args.no_plot else report.plot)
     return 0
 
 

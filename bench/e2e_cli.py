@@ -9,7 +9,6 @@ the method).
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import e2e, report
-from .cli import DEFAULT_OUT, Runner, _csv_list
+from .runner import DEFAULT_OUT, Runner, csv_list
 
 # The demo's MiniLLM schedule (minillm_fast/demo/pipeline.py): batch_size 16, pt_batch_size 8, rollout_batch_size 64,
 # max_new_tokens 56. Prompts of 64 tokens (ragged, 33-64) and corpus rows of 128 tokens are this benchmark's choice.
@@ -28,7 +27,7 @@ QUICK_VOCAB = 515
 
 def _vocab(s: str) -> list:
     out = []
-    for x in _csv_list(s):
+    for x in csv_list(s):
         out.append(e2e.DEMO_VOCAB if x == "demo" else int(x))
     return out
 
@@ -36,13 +35,13 @@ def _vocab(s: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--step", type=_csv_list, default=list(e2e.STEPS), help="train, rollout (default both)")
-    p.add_argument("--impl", type=_csv_list, default=list(e2e.IMPLS), help="fused, materialised (default both)")
+    p.add_argument("--step", type=csv_list, default=list(e2e.STEPS), help="train, rollout (default both)")
+    p.add_argument("--impl", type=csv_list, default=list(e2e.IMPLS), help="fused, materialised (default both)")
     p.add_argument("--vocab", type=_vocab, help=f"comma-separated vocabularies; 'demo' = {e2e.DEMO_VOCAB} "
                    f"(default demo,32000,50257; {QUICK_VOCAB} with --quick)")
-    p.add_argument("--family", type=_csv_list, default=["gpt2"], help="gpt2, llama: the demo config family "
+    p.add_argument("--family", type=csv_list, default=["gpt2"], help="gpt2, llama: the demo config family "
                    "(default gpt2)")
-    p.add_argument("--threads", type=lambda s: [int(x) for x in _csv_list(s)], default=[2],
+    p.add_argument("--threads", type=lambda s: [int(x) for x in csv_list(s)], default=[2],
                    help="comma-separated torch thread counts on CPU (default 2)")
     p.add_argument("--reps", type=int, help="timed calls per case (default 3; 1 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed calls before the memory call (default 1; 0 with --quick)")
@@ -142,13 +141,8 @@ def main(argv=None) -> int:
                 rows.append(report.e2e_row(env, spec, res))
     report.e2e_add_ratios(rows)
     print()
-    print(report.e2e_table(rows))
-    csv_path = report.write_csv(rows, out_dir, name="e2e.csv", columns=report.E2E_COLUMNS)
-    print(f"\nCSV: {csv_path} ({len(rows)} rows appended)")
-    if not args.no_plot:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        for path in report.e2e_plot(rows, out_dir, stamp):
-            print(f"plot: {path}")
+    report.publish(rows, out_dir, report.e2e_table, None if args.no_plot else report.e2e_plot, name="e2e.csv",
+                   columns=report.E2E_COLUMNS)
     return 0
 
 

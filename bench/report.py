@@ -138,6 +138,28 @@ def table(rows: list) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # CSV
 # ----------------------------------------------------------------------------------------------------------------------
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def publish(rows: list, out_dir: Path, table, plot=None, name: str = "bench.csv", columns: list = CSV_COLUMNS) -> None:
+    """Print ``table(rows)``, append the rows to ``out_dir/name`` and draw ``plot(rows, out_dir, stamp)`` (None: no
+    plots), saying where each went."""
+    print(table(rows))
+    csv_path = write_csv(rows, out_dir, name=name, columns=columns)
+    print(f"\nCSV: {csv_path} ({len(rows)} rows appended)")
+    if plot is not None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for path in plot(rows, out_dir, stamp):
+            print(f"plot: {path}")
+
+
 def write_csv(rows: list, out_dir: Path, name: str = "bench.csv", columns: list = CSV_COLUMNS) -> Path:
     """Append ``rows`` to ``out_dir/name`` (long format, header written once). A file with another header is left
     alone and the rows go to a new, dated file beside it."""
@@ -311,11 +333,7 @@ def plot(rows: list, out_dir: Path, stamp: str) -> list:
         fig.suptitle(f"{op} [{variant}] {mode} - {preset} Hs={shape['hs']} Ht={shape['ht']} V={shape['vocab']} "
                      f"{dtype} - {shape['device']}" + (f", threads={shape['threads']}" if dev == "cpu" else ""),
                      fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"{stamp}_{preset}_{op}-{variant}_{dtype}_{mode}_{dev}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"{stamp}_{preset}_{op}-{variant}_{dtype}_{mode}_{dev}.png"))
     return paths
 
 
@@ -452,9 +470,5 @@ def e2e_plot(rows: list, out_dir: Path, stamp: str) -> list:
         first = rs[0]
         fig.suptitle(f"end to end - demo models ({family} student {first['student']}, teacher {first['teacher']}), "
                      f"{dtype} - {first['device']}", fontsize=9)
-        fig.tight_layout()
-        path = out_dir / f"{stamp}_e2e_{family}_{dtype}_{dev}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out_dir / f"{stamp}_e2e_{family}_{dtype}_{dev}.png"))
     return paths

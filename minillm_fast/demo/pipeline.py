@@ -529,10 +529,10 @@ class DemoRun:
         try:
             import torch
 
-            from .. import backends
+            from .. import dispatch
 
-            if not torch.cuda.is_available() and hasattr(backends, "native_available"):
-                backends.native_available(torch.device("cpu"))
+            if not torch.cuda.is_available():
+                dispatch.native_available(torch.device("cpu"))
         except Exception as e:  # noqa: BLE001 - the jobs fall back to the torch backend and say why
             self.say(f"  (native extension not available: {e})")
 

@@ -43,7 +43,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -86,46 +85,6 @@ except native_cuda.NativeCudaBuildError as e:
     sys.exit(1)
 print(f"native CUDA extension loaded in {time.perf_counter() - t0:.1f} s: {getattr(mod, '__file__', mod)}", flush=True)
 """
-
-# minillm_fast.kernels is the top-level folder kernels/, mapped into the package by setup.py's package_dir: an
-# installed package has it, a bare checkout on sys.path does not. Where this checkout is not installed (a GPU image
-# with its own python, no network to pip-install anything), the children get this sitecustomize on PYTHONPATH: it
-# maps minillm_fast.kernels to kernels/ (after the path finder, so an installed package's own mapping is not
-# consulted first) and then runs the sitecustomize it shadows, if there is one. Nothing is installed or changed.
-SITECUSTOMIZE = '''"""Written by bench/gpu_check.py for its child processes: maps minillm_fast.kernels to {kernels}."""
-import importlib.machinery
-import importlib.util
-import os
-import sys
-
-_KERNELS = {kernels!r}
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class _CheckoutKernels:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name != "minillm_fast.kernels":
-            return None
-        return importlib.util.spec_from_file_location(name, os.path.join(_KERNELS, "__init__.py"),
-                                                      submodule_search_locations=[_KERNELS])
-
-
-sys.meta_path.insert(next((i + 1 for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder),
-                          len(sys.meta_path)), _CheckoutKernels)
-
-
-def _shadowed():
-    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
-    if spec is not None and spec.loader is not None:
-        spec.loader.exec_module(importlib.util.module_from_spec(spec))
-
-
-_shadowed()
-'''
-KERNELS_PROBE = ("import importlib.util, os; s = importlib.util.find_spec('minillm_fast.kernels'); "
-                 "print(os.path.realpath(s.origin) if s and s.origin else 'none')")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -529,42 +488,14 @@ def environment(torch) -> dict:
     }
 
 
-def child_env(shim: Optional[Path]) -> dict:
-    """The stages' environment: this checkout first on PYTHONPATH (and the kernels shim where needed), unbuffered
-    output, no TRITON_INTERPRET (the Makefile exports it; on a GPU the kernels must be compiled, not interpreted)."""
+def child_env() -> dict:
+    """The stages' environment: this checkout first on PYTHONPATH (an installed or bare checkout alike: the package
+    maps the top-level kernels/ to minillm_fast.kernels itself), unbuffered output, no TRITON_INTERPRET (the Makefile
+    exports it; on a GPU the kernels must be compiled, not interpreted)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    paths = ([str(shim)] if shim else []) + [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
-
-
-def kernels_import(py: str, tmp: Path) -> tuple:
-    """(shim folder or None, one line): make ``minillm_fast.kernels`` resolve to this checkout's kernels/ in the
-    children. Nothing to do where the checkout is installed (editable); else the sitecustomize shim above."""
-    want = os.path.realpath(REPO / "kernels" / "__init__.py")
-
-    def probe(shim):
-        try:
-            p = subprocess.run([py, "-c", KERNELS_PROBE], cwd=REPO, env=child_env(shim), capture_output=True,
-                               text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"probe failed: {e}"
-        return p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else \
-            f"probe failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}"
-
-    got = probe(None)
-    if got == want:
-        return None, "minillm_fast.kernels: this checkout's kernels/ (installed editable)"
-    shim = tmp / "import-shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    (shim / "sitecustomize.py").write_text(SITECUSTOMIZE.format(kernels=str(REPO / "kernels")))
-    got2 = probe(shim)
-    if got2 == want:
-        return shim, (f"minillm_fast.kernels: mapped to this checkout's kernels/ by an import hook on PYTHONPATH "
-                      f"(not installed from this checkout here: {got})")
-    return None, (f"WARNING: minillm_fast.kernels does not resolve to this checkout's kernels/ ({got}; with the "
-                  f"import hook: {got2}): the triton backend may be missing or stale")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -753,26 +684,22 @@ def main(argv=None) -> int:
         check.say("missing: matplotlib: the bench writes its CSV without plots")
     if env["liger-kernel"] == "missing":
         check.say("missing: liger-kernel: the Liger rows are reported as missing and the Liger targets as N/A")
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        shim, line = kernels_import(py, Path(tmp))
-        check.say(line)
-        env["imports"] = line
-        check.write()
-        signal.signal(signal.SIGTERM, _interrupt)  # a killed check must not leave its stages running
-        try:
-            check.run(child_env(shim), missing)
-        except KeyboardInterrupt:
-            check.stopping = True
-            with _RUNNING_LOCK:
-                procs = list(_RUNNING)
-            for p in procs:
-                _kill_group(p, 2.0)
-            for r in check.results.values():
-                if r.status == "running":
-                    r.status, r.detail = "failed", "interrupted"
-            check.say("interrupted: the running stages were killed")
-            check.write(done=True)
-            return 130
+    check.write()
+    signal.signal(signal.SIGTERM, _interrupt)  # a killed check must not leave its stages running
+    try:
+        check.run(child_env(), missing)
+    except KeyboardInterrupt:
+        check.stopping = True
+        with _RUNNING_LOCK:
+            procs = list(_RUNNING)
+        for p in procs:
+            _kill_group(p, 2.0)
+        for r in check.results.values():
+            if r.status == "running":
+                r.status, r.detail = "failed", "interrupted"
+        check.say("interrupted: the running stages were killed")
+        check.write(done=True)
+        return 130
     check.write(done=True)
     results = list(check.results.values())
     print("\n" + "\n".join(headline_lines(check.headline())), flush=True)

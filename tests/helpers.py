@@ -8,7 +8,13 @@ Error budget (as flash-attention's tests do it). For inputs ``x`` in the tested 
   so that one lucky rounding does not shrink the budget);
 * the fast path passes when ``|impl(x) - truth| <= 2 * naive error + small``, with ``small`` the rounding of
   fp32 arithmetic plus one rounding to the tested dtype, relative to the truth's magnitude: ``(8 eps(fp32) +
-  eps(dtype) / 2) * max|truth|``, ~1e-6 x max|truth| in fp32 and 0.4% in bf16 (``rounding_slack``).
+  eps(dtype) / 2) * max|truth|``, ~1e-6 x max|truth| in fp32 and 0.4% in bf16 (``rounding_slack``); for a
+  gradient, at least one fp32 rounding of the terms that cancel in it, ``eps(fp32) * max(scale)``
+  (``cancellation_scales``: ``|a| + q |sum a|`` of the softmax's backward ``a - q sum a``, carried through the heads
+  with absolute values). Mostly that is the slack above; in a one-hot row the true gradient is ~1e-16 while the
+  terms that cancel are ~1, and their rounding, not the truth, is the yardstick.
+* TVD's ``sign(q - p)`` is a coin flip where ``q ~= p`` within rounding: TVD gradients are checked on inputs without
+  such entries (``untie_tvd``), never with a slack of ``q``.
 
 Errors are max-abs over the tensor; every quantity (loss, each gradient) gets its own budget, and none may be NaN.
 """
@@ -37,6 +43,9 @@ STUDENT = ("student_hidden", "student_weight")
 IMPL_ONLY = ("chunk_size",)
 # fp32 ulps of rounding slack in the budget (rounding_slack): 8.5 ulps in all is 1.0e-6 x max|truth| in fp32.
 SMALL_ULPS = 8
+# fp32 ulps of the magnitude of the terms that cancel in a gradient (cancellation_scales), the slack's floor: one
+# rounding of them.
+CANCEL_ULPS = 1
 
 
 def available_impls(device: torch.device = DEVICE) -> list[tuple[str, str]]:
@@ -95,6 +104,48 @@ def labels_with_ignored(gen: torch.Generator, lead: Sequence[int], vocab: int, f
     return labels.masked_fill(drop, ignore_index).to(device)
 
 
+def tvd_ties(tensors: dict, *, temperature: float = 1.0, softcap: Optional[float] = None,
+             vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Rows (a bool tensor over the leading dims) where some entry has ``q ~= p`` within rounding: ``|log q - log
+    p|`` at most twice what rounding the logits in the inputs' dtype and the log-softmax in fp32 may move it by.
+
+    TVD's gradient holds ``sign(q - p)``: at such an entry, the sign any implementation computes (the naive one
+    included) is a coin flip, and the gradient jumps by ``q`` with it. The subgradient there is genuinely ambiguous,
+    so the tests keep such entries out of their inputs (:func:`untie_tvd`) rather than allowing a jump of ``q``.
+    A logit ``z = h W^T + b`` is off by up to ``eps(dtype) |z| + eps(fp32) (|h| |W|^T + |b|)`` (its rounding to the
+    dtype, and the fp32 sum); ``log q = s - lse(s)`` by that entry's error plus the q-weighted mean error of lse.
+    """
+    dtype = tensors["student_hidden"].dtype
+    diffs, tols = [], []
+    for side in ("student", "teacher"):
+        h, w, b = (tensors[f"{side}_{k}"] for k in ("hidden", "weight", "bias"))
+        h, w = h.detach().double(), w.detach().double()
+        b = None if b is None else b.detach().double()
+        v = w.shape[0] if vocab_size is None else vocab_size
+        z = h @ w[:v].T + (0.0 if b is None else b[:v])
+        mag = h.abs() @ w[:v].abs().T + (0.0 if b is None else b[:v].abs())
+        dz = (torch.finfo(dtype).eps * z.abs() + torch.finfo(torch.float32).eps * mag) / temperature
+        lq = torch.log_softmax(reference.logits(h, w, b, vocab_size=vocab_size, softcap=softcap,
+                                                temperature=temperature), -1)
+        diffs.append(lq)
+        tols.append(dz + (lq.exp() * dz).sum(-1, keepdim=True))
+    return ((diffs[0] - diffs[1]).abs() <= 2 * (tols[0] + tols[1])).any(-1)
+
+
+def untie_tvd(gen: torch.Generator, tensors: dict, **kwargs) -> dict:
+    """``tensors`` with the teacher hidden state of every row that has a near-tie (:func:`tvd_ties`, same keyword
+    arguments) drawn again from ``gen``, until none has."""
+    out = dict(tensors)
+    for _ in range(100):
+        ties = tvd_ties(out, **kwargs)
+        if not ties.any():
+            return out
+        h = out["teacher_hidden"].clone()
+        h[ties] = randn(gen, int(ties.sum()), h.shape[-1], dtype=h.dtype, device=h.device)
+        out["teacher_hidden"] = h
+    raise AssertionError("could not untie the TVD inputs")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # running the op and the reference the same way
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,16 +185,31 @@ def fused(tensors: dict, grad_names: Sequence[str] = STUDENT, *, backend: str, s
                strategy=strategy, **kwargs)
 
 
-def _reordered(tensors: dict, vocab_size: Optional[int], flip_vocab: bool, flip_hidden: bool):
-    """The same inputs with the first ``vocab_size`` rows of both heads in reverse order (padded rows stay put)
-    and/or the hidden dimension reversed (hidden states and heads alike), and a function that maps a result back.
-    The math is unchanged; the order of every sum (matmuls, softmax, gradient reductions) is not."""
+# The four summation orders of a naive evaluation (vocabulary reversed, hidden dimension reversed): see reordered.
+ORDERS = ((False, False), (True, False), (False, True), (True, True))
+
+
+def reordered(tensors: dict, vocab_size: Optional[int], flip_vocab: bool, flip_hidden: bool):
+    """The same inputs with the first ``vocab_size`` rows of every head in reverse order (padded rows stay put)
+    and/or the hidden dimension reversed (hidden states and heads alike); a function that maps a result back and one
+    that maps token ids (targets, drawn tokens) to the reordered vocabulary. The math is unchanged; the order of
+    every sum (the logits' dot products, softmax, gradient reductions) is not, and so is the rounding of the logits.
+
+    ``tensors``: ``{side}_hidden``, ``{side}_weight`` and optionally ``{side}_bias`` for each side present
+    (``student``, ``teacher``)."""
     def perm(rows):
         v = rows if vocab_size is None else vocab_size
         return torch.cat([torch.arange(v - 1, -1, -1), torch.arange(v, rows)]).to(DEVICE)
 
+    def retoken(ids: torch.Tensor) -> torch.Tensor:
+        if not flip_vocab:
+            return ids
+        v = vocab_size if vocab_size is not None else tensors[f"{sides[0]}_weight"].shape[0]
+        return torch.where((ids >= 0) & (ids < v), v - 1 - ids, ids)
+
+    sides = [side for side in ("student", "teacher") if f"{side}_weight" in tensors]
     perms, out = {}, dict(tensors)
-    for side in ("student", "teacher"):
+    for side in sides:
         w, b = tensors[f"{side}_weight"], tensors.get(f"{side}_bias")
         p = perms[side] = perm(w.shape[0]) if flip_vocab else torch.arange(w.shape[0], device=DEVICE)
         out[f"{side}_weight"] = w[p].flip(-1) if flip_hidden else w[p]
@@ -161,7 +227,7 @@ def _reordered(tensors: dict, vocab_size: Optional[int], flip_vocab: bool, flip_
             grads[k] = g[torch.argsort(perms[side])] if k.endswith(("_weight", "_bias")) else g
         return Result(r.out, grads)
 
-    return out, restore
+    return out, restore, retoken
 
 
 def ground_truth_and_naive(tensors: dict, grad_names: Sequence[str] = STUDENT, *, upstream=None,
@@ -175,10 +241,82 @@ def ground_truth_and_naive(tensors: dict, grad_names: Sequence[str] = STUDENT, *
     up64 = None if upstream is None else upstream.double()
     truth = run(reference.fused_divergence, tensors, grad_names, cast=torch.float64, upstream=up64, **kwargs)
     naive = []
-    for flip_vocab, flip_hidden in ((False, False), (True, False), (False, True), (True, True)):
-        inputs, restore = _reordered(tensors, kwargs.get("vocab_size"), flip_vocab, flip_hidden)
+    for flip_vocab, flip_hidden in ORDERS:
+        inputs, restore, _ = reordered(tensors, kwargs.get("vocab_size"), flip_vocab, flip_hidden)
         naive.append(restore(run(reference.fused_divergence, inputs, grad_names, upstream=upstream, **kwargs)))
     return truth, naive
+
+
+def _graph_nodes(root, kind: str) -> list:
+    """The autograd nodes named ``kind`` (e.g. ``LogSoftmaxBackward0``) reachable from ``root``."""
+    seen, stack, found = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == kind:
+            found.append(node)
+        stack.extend(f for f, _ in node.next_functions)
+    return found
+
+
+def cancellation_scales(tensors: dict, grad_names: Sequence[str] = STUDENT, *, upstream=None, **kwargs) -> dict:
+    """The float64 magnitude of the terms that cancel in each gradient of ``grad_names`` (by ``grad <name>``),
+    elementwise, for the budget's rounding slack.
+
+    The gradient with respect to one model's scaled logits is ``dL/ds = a - q sum_v a_v`` (``a = dL/dlog q``, the
+    softmax's backward): two terms that cancel, fully so in a one-hot row (``q_top = 1``), where the true gradient is
+    ~0 but any fp32 evaluation of it is left with the rounding of ``|a| ~ 1``. Its magnitude is ``M = |a| +
+    q |sum_v a_v|``; carried to the raw logits (the softcap's and temperature's factors) and through the head's
+    matmuls with absolute values, it gives, per element, ``sum_v M_v |W_v|`` (hidden states), ``sum_rows M |h|``
+    (head) and ``sum_rows M`` (bias): the size of what an fp32 computation rounds on the way to that element. It is
+    never below ``|truth|``, and equal to it where nothing cancels.
+
+    Computed with the reference itself, so that every option it takes is honoured: autograd hooks replace
+    ``dL/ds`` by ``M`` at both log-softmaxes, and each head gets N zero columns against N one-hot hidden columns,
+    which leave the logits unchanged and whose gradient is ``dL/dz`` per row and vocabulary entry.
+    """
+    names = [k for k in grad_names if tensors.get(k) is not None]
+    if not names:
+        return {}
+    x = {k: (None if t is None else t.detach().to(torch.float64)) for k, t in tensors.items()}
+    lead = x["student_hidden"].shape[:-1]
+    n = x["student_hidden"][..., 0].numel()
+    eye = torch.eye(n, dtype=torch.float64, device=DEVICE).reshape(*lead, n)
+    args, probes = dict(x), {}
+    for side in ("student", "teacher"):
+        w = x[f"{side}_weight"]
+        probes[side] = torch.zeros(w.shape[0], n, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        args[f"{side}_hidden"] = torch.cat([x[f"{side}_hidden"], eye], -1)
+        args[f"{side}_weight"] = torch.cat([w, probes[side]], -1)
+    out = reference.fused_divergence(args["student_hidden"], args["student_weight"], args["teacher_hidden"],
+                                     args["teacher_weight"], student_bias=args.get("student_bias"),
+                                     teacher_bias=args.get("teacher_bias"), **kwargs)
+    nodes = _graph_nodes(out.grad_fn, "LogSoftmaxBackward0")
+    assert len(nodes) == 2, f"expected the reference to take two log-softmaxes, found {len(nodes)}"
+
+    def magnitude(node):
+        def hook(grad_inputs, grad_outputs):
+            a, q = grad_outputs[0], node._saved_result.exp()
+            return (a.abs() + q * a.sum(-1, keepdim=True).abs(),)
+        return hook
+
+    handles = [node.register_hook(magnitude(node)) for node in nodes]
+    try:
+        up = torch.ones_like(out) if upstream is None else upstream.to(device=out.device, dtype=out.dtype)
+        d_probe = torch.autograd.grad(out, [probes["student"], probes["teacher"]], grad_outputs=up)
+    finally:
+        for h in handles:
+            h.remove()
+    scales = {}
+    for side, dp in zip(("student", "teacher"), d_probe):
+        mz = dp.abs().T  # [n, V_pad]: M carried to the raw logits (zero on padded vocabulary rows)
+        w, h = x[f"{side}_weight"], x[f"{side}_hidden"].reshape(n, -1)
+        scales[f"grad {side}_hidden"] = (mz @ w.abs()).reshape(*lead, w.shape[1])
+        scales[f"grad {side}_weight"] = mz.T @ h.abs()
+        scales[f"grad {side}_bias"] = mz.sum(0)
+    return {f"grad {k}": scales[f"grad {k}"] for k in names}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -194,12 +332,20 @@ def small_term(truth: torch.Tensor, dtype: torch.dtype) -> float:
     return SMALL_ULPS * torch.finfo(dtype).eps * mag
 
 
-def rounding_slack(truth: torch.Tensor, dtype: torch.dtype) -> float:
+def rounding_slack(truth: torch.Tensor, dtype: torch.dtype, scale: Optional[torch.Tensor] = None) -> float:
     """The ``small`` of the budget for inputs of ``dtype``: fp32 arithmetic (every path computes in fp32) plus one
     rounding to the tested dtype, ``(SMALL_ULPS * eps(fp32) + eps(dtype) / 2) * max|truth|``: ~1e-6 x max|truth|
-    for fp32, half a bf16 ulp (0.4%) for bf16. Never a fixed atol: an all-zero truth leaves no slack at all."""
+    for fp32, half a bf16 ulp (0.4%) for bf16. Never a fixed atol: an all-zero truth leaves no slack at all.
+
+    With ``scale`` (a gradient's :func:`cancellation_scales`), at least ``CANCEL_ULPS * eps(fp32) * max(scale)``:
+    one fp32 rounding of the terms that cancel. Where nothing cancels much (``scale`` within ~8x of ``|truth|``)
+    this is the slack above unchanged; where the truth is far smaller than what cancels (a one-hot row's gradient,
+    ~1e-16, from terms ~1), the rounding of those terms, which no fp32 evaluation avoids, is what is allowed."""
     mag = truth.detach().double().abs().max().item() if truth.numel() else 0.0
-    return (SMALL_ULPS * torch.finfo(torch.float32).eps + torch.finfo(dtype).eps / 2) * mag
+    small = (SMALL_ULPS * torch.finfo(torch.float32).eps + torch.finfo(dtype).eps / 2) * mag
+    if scale is not None and scale.numel():
+        small = max(small, CANCEL_ULPS * torch.finfo(torch.float32).eps * scale.max().item())
+    return small
 
 
 def assert_no_nan(result: Result, what: str = "") -> None:
@@ -209,19 +355,23 @@ def assert_no_nan(result: Result, what: str = "") -> None:
 
 
 def assert_within_budget(impl: Result, truth: Result, naive: Sequence[Result], dtype: torch.dtype,
-                         what: str = "") -> None:
+                         what: str = "", scales: Optional[dict] = None) -> None:
     """``err(impl) <= 2 err(naive) + small`` for the loss and every gradient, and no NaN/inf in ``impl``;
-    ``naive`` is one or more naive evaluations (the largest error counts), ``dtype`` the inputs' dtype."""
+    ``naive`` is one or more naive evaluations (the largest error counts), ``dtype`` the inputs' dtype, ``scales``
+    the gradients' :func:`cancellation_scales` (by name; the slack of a quantity without one is relative to its
+    truth)."""
     assert_no_nan(impl, what)
     assert impl.grads.keys() == truth.grads.keys(), f"{what}gradients {impl.grads.keys()} vs {truth.grads.keys()}"
     naive = [naive] if isinstance(naive, Result) else list(naive)
     for (name, x), (_, t), *nvs in zip(impl.items(), truth.items(), *(nv.items() for nv in naive)):
         assert x.shape == t.shape, f"{what}{name}: shape {tuple(x.shape)}, expected {tuple(t.shape)}"
         e_naive = max(max_err(nv, t) for _, nv in nvs)
-        e_impl, small = max_err(x, t), rounding_slack(t, dtype)
+        scale = (scales or {}).get(name)
+        e_impl, small = max_err(x, t), rounding_slack(t, dtype, scale)
         assert e_impl <= 2 * e_naive + small, (
             f"{what}{name}: error {e_impl:.3e} > 2 x naive {e_naive:.3e} + {small:.3e} "
-            f"(max|truth| {t.double().abs().max().item():.3e})"
+            f"(max|truth| {t.double().abs().max().item():.3e}"
+            + ("" if scale is None else f", max cancelling {scale.max().item():.3e}") + ")"
         )
 
 
@@ -247,9 +397,14 @@ def check_op(tensors: dict, grad_names: Sequence[str] = STUDENT, *, backend: str
     dtype = tensors["student_hidden"].dtype
     ref_kwargs = {k: v for k, v in kwargs.items() if k not in IMPL_ONLY}
     truth, naive = ground_truth_and_naive(tensors, grad_names, upstream=upstream, **ref_kwargs)
+    if ref_kwargs.get("divergence") == "tvd" and grad_names:
+        ties = tvd_ties(tensors, **{k: ref_kwargs[k] for k in ("temperature", "softcap", "vocab_size")
+                                    if ref_kwargs.get(k) is not None})
+        assert not ties.any(), "TVD inputs with q ~= p within rounding (its sign is ambiguous): use untie_tvd"
+    scales = cancellation_scales(tensors, grad_names, upstream=upstream, **ref_kwargs)
     out = fused(tensors, grad_names, backend=backend, strategy=strategy, upstream=upstream, **kwargs)
     assert out.out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32), out.out.dtype
     for k, g in out.grads.items():
         assert g.dtype == tensors[k].dtype, f"grad {k} has dtype {g.dtype}, expected {tensors[k].dtype}"
-    assert_within_budget(out, truth, naive, dtype, what or f"[{backend}-{strategy}] ")
+    assert_within_budget(out, truth, naive, dtype, what or f"[{backend}-{strategy}] ", scales)
     return out, truth

@@ -141,7 +141,9 @@ void token_logprobs_bwd_rows(const at::Tensor& z, const at::Tensor& targets, con
           if (k.use_cap) g = g * (one - c * c);
           store<T, Tail>(x + j, g, n);
         });
-        // the one-hot term a / T (times the softcap's derivative at the target)
+        // the one-hot term a / T (times the softcap's derivative at the target); a negative target has none (the
+        // gradient of -a log sum e^s alone, which minillm_fast/ops/sparse_divergence.py asks for)
+        if (py[r] < 0) continue;
         T d = pa[r] * k.inv_t;
         if (k.use_cap) {
           const T c = std::tanh(z_y * k.inv_cap);

@@ -30,9 +30,10 @@ from .divergences import DIVERGENCES  # noqa: E402
 from .ops.fused_divergence import FusedDivergenceLoss, fused_divergence, fused_reverse_kl  # noqa: E402
 from .ops.sampling import (MixtureSample, RolloutStatistics, TokenSample, mixture_sample,  # noqa: E402
                            rollout_statistics, sample_tokens)
+from .ops.sparse_divergence import TopK, sparse_divergence, token_topk  # noqa: E402
 from .ops.token_logprobs import token_logprobs  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "DIVERGENCES", "FusedDivergenceLoss", "fused_divergence", "fused_reverse_kl",
            "MixtureSample", "RolloutStatistics", "TokenSample", "mixture_sample", "rollout_statistics", "sample_tokens",
-           "token_logprobs"]
+           "token_logprobs", "sparse_divergence", "token_topk", "TopK"]

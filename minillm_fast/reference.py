@@ -9,6 +9,7 @@ to float32 otherwise; that is the naive computation whose error the fast paths a
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -60,17 +61,21 @@ def fused_divergence(student_hidden, student_weight, teacher_hidden, teacher_wei
     labels / mask / token_weights [...]. Returns a scalar (mean over kept tokens, or sum) or ``[...]`` (none).
     """
     div = divergences.resolve(divergence, beta, skew)
-    lead = student_hidden.shape[:-1]
     s, t = _two_logits(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                        vocab_size, temperature, softcap, logit_scale, student_softcap, teacher_softcap,
                        student_logit_scale, teacher_logit_scale)
     per_token = divergences.phi(torch.log_softmax(s, -1), torch.log_softmax(t, -1), div).sum(-1)  # [...]
+    return _weighted(per_token, labels, ignore_index, mask, token_weights, reduction)
 
-    keep = torch.ones(lead, dtype=torch.bool, device=s.device)
+
+def _weighted(per_token, labels, ignore_index, mask, token_weights, reduction, keep=None):
+    """Skip rows (labels == ignore_index, mask False, ``keep`` False), weight, reduce: mean over kept rows, sum or
+    none (0 on skipped rows)."""
+    keep = torch.ones(per_token.shape, dtype=torch.bool, device=per_token.device) if keep is None else keep
     if labels is not None:
-        keep &= labels != ignore_index
+        keep = keep & (labels != ignore_index)
     if mask is not None:
-        keep &= mask.bool()
+        keep = keep & mask.bool()
     weighted = per_token if token_weights is None else per_token * token_weights.detach().to(per_token.dtype)
     weighted = torch.where(keep, weighted, torch.zeros_like(weighted))
     if reduction == "none":
@@ -133,3 +138,51 @@ def rollout_statistics(student_hidden, student_weight, teacher_hidden, teacher_w
     lm_y = divergences._log_mix(lp_y, lq_y, alpha)
     reverse_kl = divergences.phi(lq, lp, divergences.Divergence(divergences.REVERSE_KL, 0.0)).sum(-1)
     return RolloutStatistics(lq_y, lp_y, lm_y, torch.exp(lq_y - lm_y), reverse_kl)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# offline distillation from a stored top k (minillm_fast/ops/sparse_divergence.py)
+# ----------------------------------------------------------------------------------------------------------------------
+def sparse_divergence(student_hidden, student_weight, teacher_ids, teacher_logprobs, *, divergence="forward_kl",
+                      tail="bucket", beta=0.5, labels=None, ignore_index=-100, mask=None, token_weights=None,
+                      temperature=1.0, student_bias=None, vocab_size=None, softcap=None, logit_scale=None,
+                      reduction="mean"):
+    """Reference of :func:`minillm_fast.sparse_divergence` (same arguments, no ``backend``): the student's full
+    log-softmax, its log-probs at the valid teacher ids (ids >= 0, each counted once) and, for ``tail="bucket"``, each
+    side's tail ``1 - sum_k`` of its top-k mass, floored at TAIL_FLOOR."""
+    from .ops.sparse_divergence import TAIL_FLOOR
+
+    div = divergences.resolve(divergence, beta)
+    lq_full = torch.log_softmax(logits(student_hidden, student_weight, student_bias, vocab_size=vocab_size,
+                                       softcap=softcap, temperature=temperature, logit_scale=logit_scale), -1)
+    ids, lp = teacher_ids.long(), teacher_logprobs.to(lq_full.dtype)
+    k = ids.shape[-1]
+    earlier = (ids[..., :, None] == ids[..., None, :]) & torch.ones(k, k, dtype=torch.bool, device=ids.device).tril(-1)
+    valid = (ids >= 0) & ~earlier.any(-1)
+    safe = torch.where(valid, ids, torch.zeros_like(ids))
+    lq = lq_full.gather(-1, safe)
+    zero = torch.zeros_like(lq)
+    lq, lp = torch.where(valid, lq, zero), torch.where(valid, lp, zero)
+    if tail == "renorm":
+        lq = lq - torch.logsumexp(torch.where(valid, lq, zero - math.inf), -1, keepdim=True)
+        lp = lp - torch.logsumexp(torch.where(valid, lp, zero - math.inf), -1, keepdim=True)
+    per_token = torch.where(valid, divergences.phi(lq, lp, div), zero).sum(-1)
+    if tail == "bucket":
+        # Each side's tail is 1 - its top-k mass, as a materialised implementation forms it from the gathered
+        # log-probs: the plain way, whose error in the inputs' dtype the fused op is measured against (summing the
+        # rest of the vocabulary instead would be more accurate where the top k holds nearly all the mass).
+        q_rest = (1 - torch.where(valid, lq.exp(), zero).sum(-1)).clamp(min=TAIL_FLOOR)
+        p_rest = (1 - torch.where(valid, lp.exp(), zero).sum(-1)).clamp(min=TAIL_FLOOR)
+        per_token = per_token + divergences.phi(torch.log(q_rest), torch.log(p_rest), div)
+    return _weighted(per_token, labels, ignore_index, mask, token_weights, reduction, keep=valid.any(-1))
+
+
+def token_topk(hidden, weight, k, *, bias=None, vocab_size=None, temperature=1.0, softcap=None, logit_scale=None):
+    """Reference of :func:`minillm_fast.token_topk`: ``torch.topk`` of the full log-softmax (``(values, ids)`` as
+    ``TopK(ids, logprobs)``; the order of exact ties is torch's)."""
+    from .ops.sparse_divergence import TopK
+
+    lq = torch.log_softmax(logits(hidden, weight, bias, vocab_size=vocab_size, softcap=softcap,
+                                  temperature=temperature, logit_scale=logit_scale), -1)
+    values, ids = torch.topk(lq, k, dim=-1)
+    return TopK(ids, values)

@@ -65,15 +65,17 @@ def token_logprobs_fwd(h, w, b, y, *, scaling, vocab_size, entropy, chunk_size):
 
 def token_logprobs_bwd(h, w, b, y, stats, ent, g_lp, g_ent, *, scaling, vocab_size, needs, chunk_size):
     """Gradients (h, w, b) of ``sum(g_lp * logprob + g_ent * entropy)``: ``a (onehot(y) - q) - e q (lq + H)``
-    times ``ds/dz``, through the two gradient matmuls."""
+    times ``ds/dz``, through the two gradient matmuls. A negative target has no one-hot: ``-a q``, the gradient of
+    ``-a log sum e^s`` (what minillm_fast.ops.sparse_divergence's log-normaliser asks for)."""
     heads = HeadGrads(h, w, b, needs, vocab_size)
+    hot = (y >= 0).unsqueeze(1)  # a negative target: no one-hot (the log-normaliser's gradient alone)
     y = y.clamp(0, vocab_size - 1).unsqueeze(1)
     for rows in row_chunks(h.shape[0], chunk_size):
         s, cap = scaled_logits(h[rows], w, b, vocab_size, scaling)
         lq = s.sub_(stats[rows, :1]).sub_(stats[rows, 1:])
         q = lq.exp()
         a = g_lp[rows].unsqueeze(1).to(q.dtype)
-        g = (q * -a).scatter_add_(1, y[rows], a)  # a (onehot(y) - q)
+        g = (q * -a).scatter_add_(1, y[rows], torch.where(hot[rows], a, torch.zeros_like(a)))  # a (onehot(y) - q)
         if g_ent is not None:  # - e q (lq + H)
             g -= q.mul_(lq.add_(ent[rows].unsqueeze(1))).mul_(g_ent[rows].unsqueeze(1).to(q.dtype))
         g.mul_(scaling.inv_temp)

@@ -3,6 +3,7 @@
   demo      the built-in default job
   distill   SFT / KD / SeqKD / MiniLLM distillation from a YAML config (minillm_fast/distill/)
   evaluate  sampled responses, Rouge-L and exact match over seeds
+  teacher-cache  a teacher's top-k log-probs over the training responses, for offline KD (teacher_cache: in a config)
 
 The microbenchmarks are not part of the package: `python -m bench` from a source checkout (bench/README.md).
 Each subcommand has its own ``--help``. ``--debug`` (anywhere on the line) shows the traceback of an error that is
@@ -38,7 +39,13 @@ def _evaluate(argv: list) -> int:
     return evaluate_main(argv)
 
 
-COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate}
+def _teacher_cache(argv: list) -> int:
+    from .distill.teacher_cache import main as cache_main
+
+    return cache_main(argv)
+
+
+COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate, "teacher-cache": _teacher_cache}
 
 
 def _user_error(e: BaseException) -> bool:

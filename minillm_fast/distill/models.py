@@ -8,6 +8,8 @@ returns the final (normed) hidden states; distill/heads.py describes the head fo
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import importlib.util
 import os
 from typing import Optional
@@ -135,11 +137,22 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch
     """
     if position_ids is None and attention_mask is not None:
         position_ids = positions_from_mask(attention_mask)
-    out = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache, return_dict=True)
+    dec = decoder(model)
+    kw = {}
+    if past_key_values is not None:
+        kw[_cache_argument(type(dec))] = past_key_values
+    out = dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+              return_dict=True, **kw)
     if use_cache:
         return out.last_hidden_state, out.past_key_values
     return out.last_hidden_state
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(cls) -> str:
+    """The name a decoder's forward takes the KV cache by: ``cache`` (transformers >= 5.24, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (earlier)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 class HiddenStates(nn.Module):

@@ -533,7 +533,68 @@ if hasattr(minillm_fast, "mixture_sample") and hasattr(reference, "mixture_probs
     ))
 
 
-PUBLIC_OPS = ("token_logprobs", "rollout_statistics", "mixture_sample")  # sample_tokens: inside mixture_sample
+# sparse_divergence: the student against a stored teacher top k (K=64 by default, `--topk`); the teacher's top k is
+# made once from the teacher's logits (untimed), the timed objective is the mean forward KL over K+1 outcomes.
+SPARSE_K = 64
+
+
+def _sparse_inputs(shape, device, seed, opts):
+    x = _div_inputs(shape, device, seed, opts)
+    with torch.no_grad():
+        top = reference.token_topk(x["ht"].float(), x["wt"].float(), SPARSE_K, vocab_size=shape.vocab)
+    x["ids"], x["lp"] = top.ids, top.logprobs.to(torch.float16).float()
+    return x
+
+
+def _sparse_truth(x, opts, budget_bytes: int = 64 << 20):
+    h, w = x["hs"].detach(), x["ws"].detach()
+    n = h.shape[0]
+    w32 = w.float().requires_grad_(True)
+    rows = max(1, min(n, budget_bytes // (4 * w.shape[0])))
+    g_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+    total = torch.zeros((), dtype=torch.float64, device=h.device)
+    for i in range(0, n, rows):
+        hc = h[i:i + rows].float().requires_grad_(True)
+        part = reference.sparse_divergence(hc, w32, x["ids"][i:i + rows], x["lp"][i:i + rows],
+                                           temperature=opts["temperature"], vocab_size=x["vocab"],
+                                           reduction="sum") / n
+        part.backward()
+        g_h[i:i + rows] = hc.grad
+        total += part.detach().double()
+    return total, {"hs": g_h, "ws": w32.grad}
+
+
+def _sparse_ours(backend: str) -> Impl:
+    def make(x, opts):
+        kw = dict(temperature=opts["temperature"], vocab_size=x["vocab"], backend=backend,
+                  chunk_size=opts.get("chunk_size"))
+        return lambda: minillm_fast.sparse_divergence(x["hs"], x["ws"], x["ids"], x["lp"], **kw)
+    return Impl(f"ours:{backend}", make, _op_backend_check(backend))
+
+
+def _sparse_naive(x, opts):
+    return lambda: reference.sparse_divergence(x["hs"], x["ws"], x["ids"], x["lp"], temperature=opts["temperature"],
+                                               vocab_size=x["vocab"])
+
+
+if hasattr(minillm_fast, "sparse_divergence") and hasattr(reference, "sparse_divergence"):
+    register(Case(
+        op="sparse_divergence",
+        about=f"minillm_fast.sparse_divergence: forward KL against a stored teacher top {SPARSE_K} (bucket tail); "
+              "floor: the student's 3 matmuls",
+        make_inputs=_sparse_inputs,
+        grad_names=("hs", "ws"),
+        floor=_student_floor,
+        truth=_sparse_truth,
+        variant=lambda opts: f"top{SPARSE_K}" + ("" if opts["temperature"] == 1.0 else f"-T{opts['temperature']}"),
+        impls=[Impl("naive", _sparse_naive, note=lambda opts: "minillm_fast.reference.sparse_divergence "
+                                                               "(materialised log-softmax + gather)"),
+               _sparse_ours("torch"), _sparse_ours("native"), _sparse_ours("triton")],
+    ))
+
+
+PUBLIC_OPS = ("token_logprobs", "rollout_statistics", "mixture_sample", "sparse_divergence")
+# sample_tokens: inside mixture_sample; token_topk: the teacher cache's (bench e2e)
 
 
 def pending_ops() -> list:

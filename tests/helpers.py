@@ -261,6 +261,42 @@ def _graph_nodes(root, kind: str) -> list:
     return found
 
 
+def _cancelling_grads(out: torch.Tensor, inputs: Sequence[torch.Tensor], upstream=None) -> tuple:
+    """``autograd.grad(out, inputs, upstream)`` with ``dL/ds = a - q sum a`` at both log-softmaxes of the graph
+    replaced by the magnitude of its two terms, ``|a| + q |sum a|`` (``a = dL/dlog q``)."""
+    nodes = _graph_nodes(out.grad_fn, "LogSoftmaxBackward0")
+    assert len(nodes) == 2, f"expected two log-softmaxes (student and teacher), found {len(nodes)}"
+
+    def magnitude(node):
+        def hook(grad_inputs, grad_outputs):
+            a, q = grad_outputs[0], node._saved_result.exp()
+            return (a.abs() + q * a.sum(-1, keepdim=True).abs(),)
+        return hook
+
+    handles = [node.register_hook(magnitude(node)) for node in nodes]
+    try:
+        up = torch.ones_like(out) if upstream is None else upstream.to(device=out.device, dtype=out.dtype)
+        return torch.autograd.grad(out, list(inputs), grad_outputs=up)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def rows_cancellation_scales(zs: torch.Tensor, zt: torch.Tensor, row_grad: torch.Tensor, cfg) -> dict:
+    """:func:`cancellation_scales` for a rows function (minillm_fast/chunked.py) on raw chunk logits ``[C, V]``:
+    ``{"g_s": ..., "g_t": ...}``, per entry of ``dL/dzs`` and ``dL/dzt``, the float64 magnitude ``|a| + q |sum a|``
+    of the two terms that cancel in it, times ``|row_grad|`` and each model's ``ds/dz`` (``cfg.student`` /
+    ``cfg.teacher``: minillm_fast.scaling.Scaling)."""
+    from minillm_fast import divergences
+
+    zs64, zt64 = (z.detach().double().requires_grad_() for z in (zs, zt))
+    lq = torch.log_softmax(cfg.student.apply(zs64)[0], -1)
+    lp = torch.log_softmax(cfg.teacher.apply(zt64)[0], -1)
+    out = divergences.phi(lq, lp, cfg.div).sum(-1)
+    g_s, g_t = _cancelling_grads(out, [zs64, zt64], row_grad.detach().double())
+    return {"g_s": g_s.abs(), "g_t": g_t.abs()}
+
+
 def cancellation_scales(tensors: dict, grad_names: Sequence[str] = STUDENT, *, upstream=None, **kwargs) -> dict:
     """The float64 magnitude of the terms that cancel in each gradient of ``grad_names`` (by ``grad <name>``),
     elementwise, for the budget's rounding slack.
@@ -293,22 +329,7 @@ def cancellation_scales(tensors: dict, grad_names: Sequence[str] = STUDENT, *, u
     out = reference.fused_divergence(args["student_hidden"], args["student_weight"], args["teacher_hidden"],
                                      args["teacher_weight"], student_bias=args.get("student_bias"),
                                      teacher_bias=args.get("teacher_bias"), **kwargs)
-    nodes = _graph_nodes(out.grad_fn, "LogSoftmaxBackward0")
-    assert len(nodes) == 2, f"expected the reference to take two log-softmaxes, found {len(nodes)}"
-
-    def magnitude(node):
-        def hook(grad_inputs, grad_outputs):
-            a, q = grad_outputs[0], node._saved_result.exp()
-            return (a.abs() + q * a.sum(-1, keepdim=True).abs(),)
-        return hook
-
-    handles = [node.register_hook(magnitude(node)) for node in nodes]
-    try:
-        up = torch.ones_like(out) if upstream is None else upstream.to(device=out.device, dtype=out.dtype)
-        d_probe = torch.autograd.grad(out, [probes["student"], probes["teacher"]], grad_outputs=up)
-    finally:
-        for h in handles:
-            h.remove()
+    d_probe = _cancelling_grads(out, [probes["student"], probes["teacher"]], upstream)
     scales = {}
     for side, dp in zip(("student", "teacher"), d_probe):
         mz = dp.abs().T  # [n, V_pad]: M carried to the raw logits (zero on padded vocabulary rows)
@@ -376,11 +397,13 @@ def assert_within_budget(impl: Result, truth: Result, naive: Sequence[Result], d
 
 
 def assert_rows_within_budget(got: Sequence, naive: Sequence, truth: Sequence, what: str = "",
-                              slack: Callable[[torch.Tensor, torch.dtype], float] = small_term) -> None:
+                              slack: Callable[[torch.Tensor, torch.dtype], float] = small_term,
+                              scales: Optional[dict] = None) -> None:
     """The budget for a rows function's outputs ``(loss, stats, g_s, g_t)`` (None where not asked): each is finite,
     of naive's dtype and the truth's shape, and ``|got - truth| <= 2 |naive - truth| + slack(truth, dtype)``.
     ``slack``: :func:`small_term` (kernels computing in the tested dtype) or :func:`rounding_slack` (computing in fp32
-    and rounding to it)."""
+    and rounding to it); for ``g_s`` / ``g_t``, at least one fp32 rounding of the terms that cancel in them,
+    ``CANCEL_ULPS * eps(fp32) * max(scales[name])`` (:func:`rows_cancellation_scales`), as in the op's budget."""
     for name, x, nv, t in zip(("loss", "stats", "g_s", "g_t"), got, naive, truth):
         if t is None:
             assert x is None, f"{what}{name} should be None"
@@ -388,6 +411,9 @@ def assert_rows_within_budget(got: Sequence, naive: Sequence, truth: Sequence, w
         assert x.dtype == nv.dtype and x.shape == t.shape, f"{what}{name}: {x.dtype} {tuple(x.shape)}"
         assert torch.isfinite(x).all(), f"{what}{name} is not finite"
         e, e_naive, small = max_err(x, t), max_err(nv, t), slack(t, x.dtype)
+        scale = (scales or {}).get(name)
+        if scale is not None and scale.numel():
+            small = max(small, CANCEL_ULPS * torch.finfo(torch.float32).eps * scale.max().item())
         assert e <= 2 * e_naive + small, f"{what}{name}: error {e:.3e} > 2 x torch's {e_naive:.3e} + {small:.3e}"
 
 

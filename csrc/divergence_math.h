@@ -11,6 +11,7 @@
 
 #include "native_common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -85,6 +86,74 @@ template <int64_t KIND, typename T>
 inline void kl_accumulate(Vectorized<T>& sum_acc, const Vectorized<T>& da, const Vectorized<T>& db,
                           const Vectorized<T>& ea, const Vectorized<T>& eb) {
   if constexpr (KIND <= FORWARD_KL) sum_acc += kl_term<KIND>(da, db, ea, eb);
+}
+
+// Pass 1 of a two-model row: both models' softmax statistics after one sweep (lse_s = m_s + log l_s, likewise t;
+// kept apart, and the maxima in T, as the later passes subtract them) and, for the KLs, the shifted accumulator acc
+// of `rebase` (0 for the other divergences).
+template <typename T>
+struct PairLse {
+  T m_s, m_t;
+  double l_s, l_t, acc;
+};
+
+// The sweep of pass 1 over the rows xs, xt [0, V) (the row kernel's, fused_divergence_cpu.cpp, and with REVERSE_KL
+// the rollout statistics', token_stats_cpu.cpp), in blocks of kBlock entries that stay in L1: the block's maxima
+// first (under a model's softcap, tanh(z / cap) is computed once here and stored in place of z; every later pass
+// multiplies it by that model's cap / T), then, against the running maxima, the sums of exp of both models and the
+// KL accumulator, rebased when a running maximum moves. Within a block the sums are vector sums of at most
+// kBlock / W terms per lane, blocks are added in double; entries past the end of a row are masked (kLogZero in the
+// maxima and exps, so they add exact zeros).
+template <typename T, int64_t KIND>
+inline PairLse<T> pair_lse(T* xs, T* xt, int64_t V, const common::Scale<T>& ks, const common::Scale<T>& kt) {
+  using common::for_vecs;
+  using common::hmax;
+  using common::hsum;
+  using common::keep;
+  using common::kLogZero;
+  using common::load;
+  using common::nan_max;
+  using common::store;
+  using Vec = Vectorized<T>;
+  const Vec mult_s(ks.mult), mult_t(kt.mult), inv_cap_s(ks.inv_cap), inv_cap_t(kt.inv_cap), zero(T(0)),
+      sentinel(static_cast<T>(kLogZero));
+  const bool cap_s = ks.use_cap, cap_t = kt.use_cap;
+  PairLse<T> st{static_cast<T>(kLogZero), static_cast<T>(kLogZero), 0.0, 0.0, 0.0};
+  for (int64_t b0 = 0; b0 < V; b0 += common::kBlock) {
+    const int64_t b1 = std::min(V, b0 + common::kBlock);
+    Vec max_s(sentinel), max_t(sentinel);
+    for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
+      using Tail = decltype(tail);
+      Vec a = load<T, Tail>(xs + j, n), b = load<T, Tail>(xt + j, n);
+      if (cap_s) {
+        a = (a * inv_cap_s).tanh();
+        store<T, Tail>(xs + j, a, n);
+      }
+      if (cap_t) {
+        b = (b * inv_cap_t).tanh();
+        store<T, Tail>(xt + j, b, n);
+      }
+      max_s = at::vec::maximum(max_s, keep<T, Tail>(a * mult_s, sentinel, n));
+      max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult_t, sentinel, n));
+    });
+    const T ms_new = nan_max(st.m_s, hmax(max_s)), mt_new = nan_max(st.m_t, hmax(max_t));
+    if (!(ms_new == st.m_s && mt_new == st.m_t)) rebase<KIND>(st.m_s, st.m_t, ms_new, mt_new, st.l_s, st.l_t, st.acc);
+    const Vec vm_s(st.m_s), vm_t(st.m_t);
+    Vec sum_s(zero), sum_t(zero), sum_acc(zero);
+    for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
+      using Tail = decltype(tail);
+      const Vec da = keep<T, Tail>(load<T, Tail>(xs + j, n) * mult_s, sentinel, n) - vm_s;
+      const Vec db = keep<T, Tail>(load<T, Tail>(xt + j, n) * mult_t, sentinel, n) - vm_t;
+      const Vec ea = da.exp(), eb = db.exp();
+      sum_s += ea;
+      sum_t += eb;
+      kl_accumulate<KIND>(sum_acc, da, db, ea, eb);  // masked lanes: e = 0
+    });
+    st.l_s += hsum(sum_s);
+    st.l_t += hsum(sum_t);
+    if constexpr (KIND <= FORWARD_KL) st.acc += hsum(sum_acc);
+  }
+  return st;
 }
 
 // After pass 1: the KLs' loss and c_s = sum q*g, c_t = sum p*h in closed form (0 for the other divergences, whose

@@ -17,7 +17,8 @@
 //           multiplies it by that model's cap / T), then, against the running maxima, the sums of exp for both
 //           models and, for the two KLs, the shifted accumulator  acc = sum e^(a - m_a) ((a - m_a) - (b - m_b)),
 //           rebased when a running maximum moves (as `_kl_update` in the Triton kernel). The KLs' loss and c_s, c_t
-//           come out of this single pass.
+//           come out of this single pass. The sweep is divergence_math.h's pair_lse (token_stats_cpu.cpp's rollout
+//           statistics run it too, with the reverse-KL accumulator).
 //   pass 2  (JSD, TVD, skew KLs) phi, q*g, p*h need normalised probabilities: a second sweep once both lse are known.
 //   pass 3  when a gradient is wanted: G written in place over z_s / z_t, already multiplied by row_grad / T_s
 //           (row_grad / T_t).
@@ -56,15 +57,11 @@ namespace {
 
 using at::vec::Vectorized;
 
-
 using common::for_vecs;
-using common::hmax;
 using common::hsum;
 using common::kBlock;
 using common::keep;
-using common::kLogZero;
 using common::load;
-using common::nan_max;
 using common::store;
 using namespace divergence;  // Kind, Consts and the per-entry math (divergence_math.h)
 
@@ -78,50 +75,15 @@ template <typename T, int64_t KIND>
 void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale_s, T scale_t, bool grad_s, bool grad_t,
                     T* out_loss, T* out_stats) {
   using Vec = Vectorized<T>;
-  const Vec mult_s(k.s.mult), mult_t(k.t.mult), inv_cap_s(k.s.inv_cap), inv_cap_t(k.t.inv_cap), zero(T(0)),
-      one(T(1)), sentinel(static_cast<T>(kLogZero));
+  const Vec mult_s(k.s.mult), mult_t(k.t.mult), zero(T(0)), one(T(1));
   const bool cap_s = k.s.use_cap, cap_t = k.t.use_cap;
 
-  // ---- pass 1: lse of both models (and the KL accumulator), blocks of kBlock entries
-  T m_s = static_cast<T>(kLogZero), m_t = static_cast<T>(kLogZero);
-  double l_s = 0.0, l_t = 0.0, acc = 0.0;
-  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
-    const int64_t b1 = std::min(V, b0 + kBlock);
-    Vec max_s(sentinel), max_t(sentinel);
-    for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
-      using Tail = decltype(tail);
-      Vec a = load<T, Tail>(xs + j, n), b = load<T, Tail>(xt + j, n);
-      if (cap_s) {
-        a = (a * inv_cap_s).tanh();
-        store<T, Tail>(xs + j, a, n);
-      }
-      if (cap_t) {
-        b = (b * inv_cap_t).tanh();
-        store<T, Tail>(xt + j, b, n);
-      }
-      max_s = at::vec::maximum(max_s, keep<T, Tail>(a * mult_s, sentinel, n));
-      max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult_t, sentinel, n));
-    });
-    const T ms_new = nan_max(m_s, hmax(max_s)), mt_new = nan_max(m_t, hmax(max_t));
-    if (!(ms_new == m_s && mt_new == m_t)) rebase<KIND>(m_s, m_t, ms_new, mt_new, l_s, l_t, acc);
-    const Vec vm_s(m_s), vm_t(m_t);
-    Vec sum_s(zero), sum_t(zero), sum_acc(zero);
-    for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
-      using Tail = decltype(tail);
-      const Vec da = keep<T, Tail>(load<T, Tail>(xs + j, n) * mult_s, sentinel, n) - vm_s;
-      const Vec db = keep<T, Tail>(load<T, Tail>(xt + j, n) * mult_t, sentinel, n) - vm_t;
-      const Vec ea = da.exp(), eb = db.exp();
-      sum_s += ea;
-      sum_t += eb;
-      kl_accumulate<KIND>(sum_acc, da, db, ea, eb);  // masked lanes: e = 0
-    });
-    l_s += hsum(sum_s);
-    l_t += hsum(sum_t);
-    if constexpr (KIND <= FORWARD_KL) acc += hsum(sum_acc);
-  }
-  const double log_ls = std::log(l_s), log_lt = std::log(l_t);
+  // ---- pass 1: lse of both models (and the KL accumulator), blocks of kBlock entries (divergence_math.h)
+  const PairLse<T> st = pair_lse<T, KIND>(xs, xt, V, k.s, k.t);
+  const T m_s = st.m_s, m_t = st.m_t;
+  const double log_ls = std::log(st.l_s), log_lt = std::log(st.l_t);
   double loss, c_s, c_t;
-  kl_finish<KIND>(acc, l_s, l_t, log_ls, log_lt, loss, c_s, c_t);
+  kl_finish<KIND>(st.acc, st.l_s, st.l_t, log_ls, log_lt, loss, c_s, c_t);
 
   // lq = (s - m_s) - log l_s: the shift by the row maximum is exact, so large logits lose no more than small ones.
   const Vec vm_s(m_s), vm_t(m_t), vlog_ls(static_cast<T>(log_ls)), vlog_lt(static_cast<T>(log_lt));
@@ -162,27 +124,22 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale_s, T sc
   // ---- pass 3: G = (q*g - q c_s) * row_grad / T_s (likewise p*h - p c_t, T_t), times 1 - tanh^2 under the model's
   // softcap
   const Vec vc_s(static_cast<T>(c_s)), vc_t(static_cast<T>(c_t)), vscale_s(scale_s), vscale_t(scale_t);
-  for_vecs<T>(0, V, [&](auto tail, int64_t j, int64_t n) {
+  // one model's G at [j, j + n): g * row_grad / T, times 1 - tanh^2 (x holds tanh) under its softcap
+  auto put_grad = [&](auto tail, T* x, int64_t j, int64_t n, Vec g, const Vec& scale, bool cap) {
     using Tail = decltype(tail);
+    g = g * scale;
+    if (cap) {
+      const Vec c = load<T, Tail>(x + j, n);
+      g = g * (one - c * c);
+    }
+    store<T, Tail>(x + j, g, n);
+  };
+  for_vecs<T>(0, V, [&](auto tail, int64_t j, int64_t n) {
     Vec lq, lp, g_s, g_t;
     log_probs(tail, j, n, lq, lp);
     grads<T, KIND>(lq, lp, vc_s, vc_t, k, grad_s, grad_t, g_s, g_t);
-    if (grad_s) {
-      g_s = g_s * vscale_s;
-      if (cap_s) {
-        const Vec c = load<T, Tail>(xs + j, n);
-        g_s = g_s * (one - c * c);
-      }
-      store<T, Tail>(xs + j, g_s, n);
-    }
-    if (grad_t) {
-      g_t = g_t * vscale_t;
-      if (cap_t) {
-        const Vec c = load<T, Tail>(xt + j, n);
-        g_t = g_t * (one - c * c);
-      }
-      store<T, Tail>(xt + j, g_t, n);
-    }
+    if (grad_s) put_grad(tail, xs, j, n, g_s, vscale_s, cap_s);
+    if (grad_t) put_grad(tail, xt, j, n, g_t, vscale_t, cap_t);
   });
 }
 

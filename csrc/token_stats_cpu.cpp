@@ -12,15 +12,16 @@
 //                           upstream gradients a (log-prob) and e (entropy), written in place over the logits, from
 //                           the forward's m and log l: one sweep per row; the caller's matmuls take it from there.
 // rollout_statistics_rows   one sweep over both models' rows: both lse and the reverse-KL numerator
-//                           sum e^(s - m_s) ((s - m_s) - (t - m_t)) (as fused_divergence_cpu.cpp's pass 1), then
-//                           log q(y), log p(y) and KL(q || p) = A / l_s - log l_s + log l_t. Each model has its
-//                           own scaling: s = softcap_s(z_s) / T_s, t = softcap_t(z_t) / T_t (minillm_fast/scaling.py).
+//                           sum e^(s - m_s) ((s - m_s) - (t - m_t)) (fused_divergence_cpu.cpp's pass 1: pair_lse of
+//                           divergence_math.h), then log q(y), log p(y) and KL(q || p) = A / l_s - log l_s + log l_t.
+//                           Each model has its own scaling: s = softcap_s(z_s) / T_s, t = softcap_t(z_t) / T_t
+//                           (minillm_fast/scaling.py).
 //
-// The kernels are registered as torch.library ops of the namespace minillm_fast_native (the extension's pybind
-// module is fused_divergence_cpu.cpp's; ops need no edit there and are reachable as torch.ops.minillm_fast_native.*
-// once the library is loaded). Rows are split over the intra-op threads by at::parallel_for; each row is computed by
-// one thread in a fixed order, so results do not depend on the thread count.
+// The kernels are registered as torch.library ops of the namespace minillm_fast_native, as all of the extension's
+// are (torch.ops.minillm_fast_native.* once the library is loaded). Rows are split over the intra-op threads by
+// at::parallel_for; each row is computed by one thread in a fixed order, so results do not depend on the thread count.
 
+#include "divergence_math.h"
 #include "native_common.h"
 
 #include <tuple>
@@ -178,7 +179,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_statistics_rows(const at:
 
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "minillm_fast_native::rollout_statistics_rows", [&] {
     using T = scalar_t;
-    using Vec = Vectorized<T>;
     const Scale<T> ks(temperature_s, softcap_s), kt(temperature_t, softcap_t);
     T* ps = zs.data_ptr<T>();
     T* pt = zt.data_ptr<T>();
@@ -187,65 +187,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rollout_statistics_rows(const at:
     T* plq = lq_y.data_ptr<T>();
     T* plp = lp_y.data_ptr<T>();
     T* pkl = rkl.data_ptr<T>();
-    const Vec mult_s(ks.mult), mult_t(kt.mult), inv_cap_s(ks.inv_cap), inv_cap_t(kt.inv_cap), zero(T(0)),
-        sentinel(static_cast<T>(kLogZero));
     at::parallel_for(0, C, row_grain(V), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         T* xs = ps + r * ld_s;
         T* xt = pt + r * ld_t;
-        // one sweep over both rows, blocks of kBlock: maxima first (softcaps stored in place), then the sums against
-        // the running maxima, with the KL numerator rebased when a maximum moves
-        T m_s = static_cast<T>(kLogZero), m_t = static_cast<T>(kLogZero);
-        double l_s = 0.0, l_t = 0.0, acc = 0.0;
-        for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
-          const int64_t b1 = std::min(V, b0 + kBlock);
-          Vec max_s(sentinel), max_t(sentinel);
-          for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
-            using Tail = decltype(tail);
-            Vec a = load<T, Tail>(xs + j, n), b = load<T, Tail>(xt + j, n);
-            if (ks.use_cap) {
-              a = (a * inv_cap_s).tanh();
-              store<T, Tail>(xs + j, a, n);
-            }
-            if (kt.use_cap) {
-              b = (b * inv_cap_t).tanh();
-              store<T, Tail>(xt + j, b, n);
-            }
-            max_s = at::vec::maximum(max_s, keep<T, Tail>(a * mult_s, sentinel, n));
-            max_t = at::vec::maximum(max_t, keep<T, Tail>(b * mult_t, sentinel, n));
-          });
-          const T ms_new = nan_max(m_s, hmax(max_s)), mt_new = nan_max(m_t, hmax(max_t));
-          if (!(ms_new == m_s && mt_new == m_t)) {
-            // each old term's bracket (s - m_s) - (t - m_t) grows by (m_t' - m_t) - (m_s' - m_s)
-            const double fs = std::exp(static_cast<double>(m_s) - ms_new);
-            const double ft = std::exp(static_cast<double>(m_t) - mt_new);
-            const double dms = static_cast<double>(ms_new) - m_s, dmt = static_cast<double>(mt_new) - m_t;
-            acc = (acc + (dmt - dms) * l_s) * fs;
-            l_s *= fs;
-            l_t *= ft;
-            m_s = ms_new;
-            m_t = mt_new;
-          }
-          const Vec vm_s(m_s), vm_t(m_t);
-          Vec sum_s(zero), sum_t(zero), sum_acc(zero);
-          for_vecs<T>(b0, b1, [&](auto tail, int64_t j, int64_t n) {
-            using Tail = decltype(tail);
-            const Vec da = keep<T, Tail>(load<T, Tail>(xs + j, n) * mult_s, sentinel, n) - vm_s;
-            const Vec db = keep<T, Tail>(load<T, Tail>(xt + j, n) * mult_t, sentinel, n) - vm_t;
-            const Vec ea = da.exp();
-            sum_s += ea;
-            sum_t += db.exp();
-            sum_acc += ea * (da - db);
-          });
-          l_s += hsum(sum_s);
-          l_t += hsum(sum_t);
-          acc += hsum(sum_acc);
-        }
-        const double log_ls = std::log(l_s), log_lt = std::log(l_t);
+        // one sweep over both rows (the fused divergence's pass 1, divergence_math.h): both lse and the reverse-KL
+        // numerator
+        const auto st = divergence::pair_lse<T, divergence::REVERSE_KL>(xs, xt, V, ks, kt);
+        const double log_ls = std::log(st.l_s), log_lt = std::log(st.l_t);
         const int64_t yr = clamp_token(py[r], V);
-        plq[r] = static_cast<T>((xs[yr] * ks.mult - m_s) - log_ls);
-        plp[r] = static_cast<T>((xt[yr] * kt.mult - m_t) - log_lt);
-        pkl[r] = static_cast<T>(acc / l_s - log_ls + log_lt);
+        plq[r] = static_cast<T>((xs[yr] * ks.mult - st.m_s) - log_ls);
+        plp[r] = static_cast<T>((xt[yr] * kt.mult - st.m_t) - log_lt);
+        pkl[r] = static_cast<T>(st.acc / st.l_s - log_ls + log_lt);
       }
     });
   });

@@ -70,16 +70,6 @@ inline void for_groups(int64_t r0, int64_t r1, F&& f) {
   if (base < r1) f(std::true_type{}, g, base, r1 - base);
 }
 
-// Calls f(tail, b0, b1, g, base, n) for every vocabulary block [b0, b1) and, within it, every lane group of rows
-// [r0, r1) (see for_groups): the memory order described at the top of this file.
-template <typename T, typename F>
-inline void for_blocks(int64_t V, int64_t r0, int64_t r1, F&& f) {
-  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
-    const int64_t b1 = std::min(V, b0 + kColBlock);
-    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) { f(tail, b0, b1, g, base, n); });
-  }
-}
-
 // Lanes of vector u of a group of n rows.
 template <typename T>
 inline int64_t lanes_of(int64_t n, int64_t u) {
@@ -117,6 +107,47 @@ inline void prefetch_next(const T* ps, const T* pt) {
   for (int64_t off = GW; off < 2 * GW; off += 64 / sizeof(T)) {
     __builtin_prefetch(ps + off);
     __builtin_prefetch(pt + off);
+  }
+}
+
+// One lane group's share of one vocabulary block: rows base .. base + n - 1 (ps = xs + base, pt = xt + base) over the
+// block rows [b0, b1); its per-lane state is at i0 = g * U * W of the state arrays (load_state, store_state).
+template <typename T, typename Tail>
+struct GroupBlock {
+  using IO = GroupIO<T, Tail>;
+  T* ps;
+  T* pt;
+  int64_t ld_s, ld_t, b0, b1, i0, n;
+
+  // Calls f(s, t, a, b) for every block row: s, t point to the group's entries of both models there, a, b hold them
+  // (U vectors each; lanes past n read as 0). The next group's line is prefetched one group ahead.
+  template <typename F>
+  void rows(F&& f) const {
+    Vectorized<T> a[U], b[U];
+    for (int64_t v = b0; v < b1; ++v) {
+      T* s = ps + v * ld_s;
+      T* t = pt + v * ld_t;
+      IO::load(s, n, a);
+      IO::load(t, n, b);
+      prefetch_next(s, t);
+      f(s, t, a, b);
+    }
+  }
+
+  // vector u of the group's entries at p (a block row's s or t) := x; lanes past n are not written
+  void store(T* p, const Vectorized<T>& x, int64_t u) const { IO::store(p, n, x, u); }
+};
+
+// Calls f(block) with a GroupBlock for every vocabulary block [b0, b1) and, within it, every lane group of rows
+// [r0, r1) (see for_groups): the memory order described at the top of this file.
+template <typename T, typename F>
+inline void for_blocks(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64_t r1, F&& f) {
+  constexpr int64_t GW = U * Vectorized<T>::size();
+  for (int64_t b0 = 0; b0 < V; b0 += kColBlock) {
+    const int64_t b1 = std::min(V, b0 + kColBlock);
+    for_groups<T>(r0, r1, [&](auto tail, int64_t g, int64_t base, int64_t n) {
+      f(GroupBlock<T, decltype(tail)>{xs + base, xt + base, ld_s, ld_t, b0, b1, g * GW, n});
+    });
   }
 }
 
@@ -163,51 +194,48 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
   std::vector<double> l_s(lanes, 0.0), l_t(lanes, 0.0), acc(lanes, 0.0), loss(lanes), c_s(lanes), c_t(lanes);
   std::vector<T> part_s(lanes), part_t(lanes), part_a(lanes);  // one block's vector sums
 
+  using Group = Vec (&)[U];  // a lane group's U vectors at one block row (GroupBlock::rows)
+
   // ---- pass 0: the rows' maxima (tanh(z / cap) stored in place under a model's softcap)
-  for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
-    using IO = GroupIO<T, decltype(tail)>;
-    T* ps = xs + base;
-    T* pt = xt + base;
-    const int64_t i0 = g * GW;
-    Vec max_s[U], max_t[U], a[U], b[U];
-    load_state(m_s, i0, max_s);
-    load_state(m_t, i0, max_t);
-    for (int64_t v = b0; v < b1; ++v) {
-      IO::load(ps + v * ld_s, n, a);
-      IO::load(pt + v * ld_t, n, b);
-      prefetch_next(ps + v * ld_s, pt + v * ld_t);
+  for_blocks<T>(xs, xt, ld_s, ld_t, V, r0, r1, [&](const auto& blk) {
+    Vec max_s[U], max_t[U];
+    load_state(m_s, blk.i0, max_s);
+    load_state(m_t, blk.i0, max_t);
+    blk.rows([&](T* s, T* t, Group a, Group b) {
       for (int64_t u = 0; u < U; ++u) {
         if (cap_s) {
           a[u] = (a[u] * inv_cap_s).tanh();
-          IO::store(ps + v * ld_s, n, a[u], u);
+          blk.store(s, a[u], u);
         }
         if (cap_t) {
           b[u] = (b[u] * inv_cap_t).tanh();
-          IO::store(pt + v * ld_t, n, b[u], u);
+          blk.store(t, b[u], u);
         }
         max_s[u] = at::vec::maximum(max_s[u], a[u] * mult_s);  // propagates NaN
         max_t[u] = at::vec::maximum(max_t[u], b[u] * mult_t);
       }
-    }
-    store_state(m_s, i0, max_s);
-    store_state(m_t, i0, max_t);
+    });
+    store_state(m_s, blk.i0, max_s);
+    store_state(m_t, blk.i0, max_t);
   });
 
+  // Each block's vector sums (part_*) go to the rows' double sums.
+  auto add_parts = [&](int64_t i0, std::vector<double>& x, std::vector<double>& y, std::vector<double>& z) {
+    for (int64_t i = i0; i < i0 + GW; ++i) {
+      x[i] += part_s[i];
+      y[i] += part_t[i];
+      z[i] += part_a[i];
+    }
+  };
+
   // ---- pass 1: sums of exp about the maxima (and the KL accumulator), in T within a block, in double across
-  for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
-    using IO = GroupIO<T, decltype(tail)>;
-    const T* ps = xs + base;
-    const T* pt = xt + base;
-    const int64_t i0 = g * GW;
-    Vec vm_s[U], vm_t[U], sum_s[U], sum_t[U], a[U], b[U];
+  for_blocks<T>(xs, xt, ld_s, ld_t, V, r0, r1, [&](const auto& blk) {
+    Vec vm_s[U], vm_t[U], sum_s[U], sum_t[U];
     Compensated<T> sum_acc[U];
-    load_state(m_s, i0, vm_s);
-    load_state(m_t, i0, vm_t);
+    load_state(m_s, blk.i0, vm_s);
+    load_state(m_t, blk.i0, vm_t);
     for (int64_t u = 0; u < U; ++u) sum_s[u] = sum_t[u] = zero;
-    for (int64_t v = b0; v < b1; ++v) {
-      IO::load(ps + v * ld_s, n, a);
-      IO::load(pt + v * ld_t, n, b);
-      prefetch_next(ps + v * ld_s, pt + v * ld_t);
+    blk.rows([&](T*, T*, Group a, Group b) {
       for (int64_t u = 0; u < U; ++u) {
         const Vec da = a[u] * mult_s - vm_s[u], db = b[u] * mult_t - vm_t[u];
         const Vec ea = da.exp(), eb = db.exp();
@@ -215,15 +243,11 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
         sum_t[u] += eb;
         if constexpr (KIND <= FORWARD_KL) sum_acc[u].add(kl_term<KIND>(da, db, ea, eb));
       }
-    }
-    store_state(part_s, i0, sum_s);
-    store_state(part_t, i0, sum_t);
-    for (int64_t u = 0; u < U; ++u) sum_acc[u].sum.store(&part_a[i0 + u * Vec::size()]);
-    for (int64_t i = i0; i < i0 + GW; ++i) {
-      l_s[i] += part_s[i];
-      l_t[i] += part_t[i];
-      acc[i] += part_a[i];
-    }
+    });
+    store_state(part_s, blk.i0, sum_s);
+    store_state(part_t, blk.i0, sum_t);
+    for (int64_t u = 0; u < U; ++u) sum_acc[u].sum.store(&part_a[blk.i0 + u * Vec::size()]);
+    add_parts(blk.i0, l_s, l_t, acc);
   });
   for (int64_t i = 0; i < lanes; ++i) {
     const double log_ls = std::log(l_s[i]), log_lt = std::log(l_t[i]);
@@ -235,19 +259,14 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
 
   // ---- pass 2: the other divergences need normalised probabilities
   if constexpr (KIND > FORWARD_KL) {
-    for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
-      using IO = GroupIO<T, decltype(tail)>;
-      const int64_t i0 = g * GW;
-      Vec vm_s[U], vm_t[U], vls[U], vlt[U], a[U], b[U];
+    for_blocks<T>(xs, xt, ld_s, ld_t, V, r0, r1, [&](const auto& blk) {
+      Vec vm_s[U], vm_t[U], vls[U], vlt[U];
       Compensated<T> sum_phi[U], sum_qg[U], sum_ph[U];
-      load_state(m_s, i0, vm_s);
-      load_state(m_t, i0, vm_t);
-      load_state(log_l_s, i0, vls);
-      load_state(log_l_t, i0, vlt);
-      for (int64_t v = b0; v < b1; ++v) {
-        IO::load(xs + base + v * ld_s, n, a);
-        IO::load(xt + base + v * ld_t, n, b);
-        prefetch_next(xs + base + v * ld_s, xt + base + v * ld_t);
+      load_state(m_s, blk.i0, vm_s);
+      load_state(m_t, blk.i0, vm_t);
+      load_state(log_l_s, blk.i0, vls);
+      load_state(log_l_t, blk.i0, vlt);
+      blk.rows([&](T*, T*, Group a, Group b) {
         for (int64_t u = 0; u < U; ++u) {
           const Vec lq = (a[u] * mult_s - vm_s[u]) - vls[u], lp = (b[u] * mult_t - vm_t[u]) - vlt[u];
           Vec phi, qg, ph;
@@ -256,17 +275,13 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
           sum_qg[u].add(qg);
           sum_ph[u].add(ph);
         }
-      }
+      });
       for (int64_t u = 0; u < U; ++u) {
-        sum_phi[u].sum.store(&part_s[i0 + u * Vec::size()]);
-        sum_qg[u].sum.store(&part_t[i0 + u * Vec::size()]);
-        sum_ph[u].sum.store(&part_a[i0 + u * Vec::size()]);
+        sum_phi[u].sum.store(&part_s[blk.i0 + u * Vec::size()]);
+        sum_qg[u].sum.store(&part_t[blk.i0 + u * Vec::size()]);
+        sum_ph[u].sum.store(&part_a[blk.i0 + u * Vec::size()]);
       }
-      for (int64_t i = i0; i < i0 + GW; ++i) {
-        loss[i] += part_s[i];
-        c_s[i] += part_t[i];
-        c_t[i] += part_a[i];
-      }
+      add_parts(blk.i0, loss, c_s, c_t);
     });
   }
   for (int64_t r = r0; r < r1; ++r) {
@@ -288,24 +303,17 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
 
   // ---- pass 3: G = (q*g - q c_s) * row_grad / T_s (likewise p*h - p c_t, T_t), times 1 - tanh^2 under the model's
   // softcap
-  for_blocks<T>(V, r0, r1, [&](auto tail, int64_t b0, int64_t b1, int64_t g, int64_t base, int64_t n) {
-    using IO = GroupIO<T, decltype(tail)>;
-    T* ps = xs + base;
-    T* pt = xt + base;
-    const int64_t i0 = g * GW;
-    Vec vm_s[U], vm_t[U], vls[U], vlt[U], cs[U], ct[U], sc_s[U], sc_t[U], a[U], b[U];
-    load_state(m_s, i0, vm_s);
-    load_state(m_t, i0, vm_t);
-    load_state(log_l_s, i0, vls);
-    load_state(log_l_t, i0, vlt);
-    load_state(vc_s, i0, cs);
-    load_state(vc_t, i0, ct);
-    load_state(vscale_s, i0, sc_s);
-    load_state(vscale_t, i0, sc_t);
-    for (int64_t v = b0; v < b1; ++v) {
-      IO::load(ps + v * ld_s, n, a);
-      IO::load(pt + v * ld_t, n, b);
-      prefetch_next(ps + v * ld_s, pt + v * ld_t);
+  for_blocks<T>(xs, xt, ld_s, ld_t, V, r0, r1, [&](const auto& blk) {
+    Vec vm_s[U], vm_t[U], vls[U], vlt[U], cs[U], ct[U], sc_s[U], sc_t[U];
+    load_state(m_s, blk.i0, vm_s);
+    load_state(m_t, blk.i0, vm_t);
+    load_state(log_l_s, blk.i0, vls);
+    load_state(log_l_t, blk.i0, vlt);
+    load_state(vc_s, blk.i0, cs);
+    load_state(vc_t, blk.i0, ct);
+    load_state(vscale_s, blk.i0, sc_s);
+    load_state(vscale_t, blk.i0, sc_t);
+    blk.rows([&](T* s, T* t, Group a, Group b) {
       for (int64_t u = 0; u < U; ++u) {
         const Vec lq = (a[u] * mult_s - vm_s[u]) - vls[u], lp = (b[u] * mult_t - vm_t[u]) - vlt[u];
         Vec g_s, g_t;
@@ -313,15 +321,15 @@ void cols(T* xs, T* xt, int64_t ld_s, int64_t ld_t, int64_t V, int64_t r0, int64
         if (grad_s) {
           g_s = g_s * sc_s[u];
           if (cap_s) g_s = g_s * (one - a[u] * a[u]);
-          IO::store(ps + v * ld_s, n, g_s, u);
+          blk.store(s, g_s, u);
         }
         if (grad_t) {
           g_t = g_t * sc_t[u];
           if (cap_t) g_t = g_t * (one - b[u] * b[u]);
-          IO::store(pt + v * ld_t, n, g_t, u);
+          blk.store(t, g_t, u);
         }
       }
-    }
+    });
   });
 }
 

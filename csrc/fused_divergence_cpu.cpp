@@ -27,6 +27,11 @@
 // summation error does not grow with the vocabulary. Entries past the end of a row are masked (a finite LOG_ZERO
 // stand-in for -inf in the maxima and exps, blended zeros in the sums), never read or written.
 //
+// divergence_rows is registered as the torch.library op torch.ops.minillm_fast_native.divergence_rows (as the other
+// row kernels of the extension are: token_stats_cpu.cpp, sampling_cpu.cpp), and so is `capability`. The extension's
+// Python module, defined at the end of this file, holds nothing: importing it loads the library, which registers the
+// ops (minillm_fast/native.py imports it, from torch's JIT cache or as the package's ahead-of-time build).
+//
 // CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) is set by the build (minillm_fast/native.py), together with the matching
 // -m flags; at::vec::Vectorized<T> then uses that instruction set and its exp / log / tanh (Sleef, 1 ulp).
 
@@ -189,8 +194,9 @@ Layout check_logits(const char* name, const at::Tensor& z) {
 // required when a gradient is wanted. kind: 0..5 (divergences.py). temperature_s, softcap_s: the student's effective
 // temperature and softcap (0: none), temperature_t, softcap_t the teacher's (DivergenceConfig.kernel_args,
 // minillm_fast/scaling.py). Returns loss [C] and stats [C, 6] (lse_s, lse_t, c_s, c_t) in the logits' dtype.
-std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt, c10::optional<at::Tensor> row_grad,
-                                                   int64_t kind, double log_w, double log_1mw, double temperature_s,
+std::tuple<at::Tensor, at::Tensor> divergence_rows(const at::Tensor& zs, const at::Tensor& zt,
+                                                   const c10::optional<at::Tensor>& row_grad, int64_t kind,
+                                                   double log_w, double log_1mw, double temperature_s,
                                                    double softcap_s, double temperature_t, double softcap_t,
                                                    bool grad_s, bool grad_t) {
   const Layout layout = check_logits("zs", zs);
@@ -269,16 +275,24 @@ std::tuple<at::Tensor, at::Tensor> divergence_rows(at::Tensor zs, at::Tensor zt,
   return {loss, stats};
 }
 
+// The instruction set the extension was compiled for (DEFAULT, AVX2, AVX512).
+std::string capability() { return MINILLM_STR(CPU_CAPABILITY); }
+
 }  // namespace minillm_fast_native
 
+TORCH_LIBRARY_FRAGMENT(minillm_fast_native, m) {
+  m.def("divergence_rows(Tensor(a!) zs, Tensor(b!) zt, Tensor? row_grad, int kind, float log_w, float log_1mw, "
+        "float temperature_s, float softcap_s, float temperature_t, float softcap_t, bool grad_s, bool grad_t) "
+        "-> (Tensor, Tensor)");
+  m.def("capability() -> str", &minillm_fast_native::capability);  // no tensor: one kernel for every backend
+}
+
+TORCH_LIBRARY_IMPL(minillm_fast_native, CPU, m) {
+  m.impl("divergence_rows", TORCH_FN(minillm_fast_native::divergence_rows));
+}
+
+// The extension's Python module: only for loading (every kernel is a torch.library op, see the top of this file).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "minillm-fast native (C++) CPU kernels; see csrc/fused_divergence_cpu.cpp";
-  m.def("divergence_rows", &minillm_fast_native::divergence_rows,
-        "Loss [C], stats [C, 6] of chunk logits zs, zt [C, V]; G written in place when grad_s / grad_t.",
-        py::arg("zs"), py::arg("zt"), py::arg("row_grad"), py::arg("kind"), py::arg("log_w"), py::arg("log_1mw"),
-        py::arg("temperature_s"), py::arg("softcap_s"), py::arg("temperature_t"), py::arg("softcap_t"),
-        py::arg("grad_s"), py::arg("grad_t"),
-        py::call_guard<py::gil_scoped_release>());
-  m.def("capability", [] { return std::string(MINILLM_STR(CPU_CAPABILITY)); },
-        "The instruction set the extension was compiled for (DEFAULT, AVX2, AVX512).");
+  m.doc() = "minillm-fast native (C++) CPU kernels: importing this module registers them as "
+            "torch.ops.minillm_fast_native.* (see csrc/fused_divergence_cpu.cpp)";
 }

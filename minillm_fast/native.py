@@ -20,12 +20,15 @@ dies; the process that gets it deletes torch's ``lock`` if one is there (only a 
 says so. The first-use message names the build folder. Nothing is cleaned up automatically: folders of old keys are
 harmless and can be deleted.
 
-What it holds. ``divergence_rows`` (fused_divergence_cpu.cpp, the module's pybind function: the rows function of the
-chunked fused divergence) and the row kernels of the other ops, registered as torch.library ops
-``torch.ops.minillm_fast_native.*`` (:func:`ops`): ``token_logprobs_fwd_rows`` / ``_bwd_rows`` and
-``rollout_statistics_rows`` (token_stats_cpu.cpp), ``mixture_sample_rows`` (sampling_cpu.cpp). Each takes one
-chunk's logits ``[C, V]``; the chunk loops and matmuls are Python's (minillm_fast/backends/native.py, the backend
-that calls them; this module only builds and loads the extension).
+What it holds. The row kernels of the ops, registered as torch.library ops ``torch.ops.minillm_fast_native.*``
+(:func:`ops`): ``divergence_rows`` (fused_divergence_cpu.cpp and divergence_cols_cpu.cpp: the rows function of the
+chunked fused divergence), ``token_logprobs_fwd_rows`` / ``_bwd_rows`` and ``rollout_statistics_rows``
+(token_stats_cpu.cpp), ``mixture_sample_rows`` (sampling_cpu.cpp), and ``capability()``, the instruction set the
+library was compiled for. Each kernel takes one chunk's logits ``[C, V]``; the chunk loops and matmuls are Python's
+(minillm_fast/backends/native.py, the backend that calls them; this module only builds and loads the extension). The
+extension's Python module (defined in fused_divergence_cpu.cpp) holds no functions: it is what is imported, by torch's
+JIT loader or as the ahead-of-time ``minillm_fast._native_<isa>``, and importing it loads the library, which
+registers the ops.
 
 Instruction set. The kernels are written with ``at::vec::Vectorized``, whose width is fixed when the file is compiled
 (by ``CPU_CAPABILITY`` and the ``-m`` flags). The extension is built for the capability ATen itself runs with on this
@@ -64,8 +67,8 @@ SOURCES = ("fused_divergence_cpu.cpp", "divergence_cols_cpu.cpp", "token_stats_c
 # Included by the sources (hashed into the build key with them, so that a change gets its own build; listed also so
 # that an incomplete csrc/ is refused).
 HEADERS = ("native_common.h", "divergence_math.h", "philox.h")
-# The torch.library namespace of the row kernels of token_stats_cpu.cpp and sampling_cpu.cpp (the pybind module,
-# fused_divergence_cpu.cpp's, carries divergence_rows): torch.ops.minillm_fast_native.* once the library is loaded.
+# The torch.library namespace of the extension's kernels (every one of them; the Python module is only for loading):
+# torch.ops.minillm_fast_native.* once the library is loaded.
 OPS_NAMESPACE = "minillm_fast_native"
 # -fopenmp: at::parallel_for is an inline template over `#pragma omp parallel` and runs serially without it. The
 # library then needs libgomp.so.1, which resolves to the copy torch has loaded, so torch.set_num_threads governs it.
@@ -355,7 +358,8 @@ def build_error() -> Optional[str]:
 
 
 def ops():
-    """``torch.ops.minillm_fast_native``: the row kernels of the token log-probs, rollout statistics and sampler
-    (registered with torch.library when the extension loads; building it on first use)."""
+    """``torch.ops.minillm_fast_native``: the row kernels of the fused divergence, token log-probs, rollout
+    statistics and sampler, and ``capability()`` (registered with torch.library when the extension loads; building it
+    on first use)."""
     load()
     return getattr(torch.ops, OPS_NAMESPACE)

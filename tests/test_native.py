@@ -383,9 +383,10 @@ def test_two_model_ops_name_the_bad_scaling(ext, call, match):
 # ----------------------------------------------------------------------------------------------------------------------
 def _call(ext, zs, zt, row_grad=None, kind=0, temperature_s=1.0, softcap_s=0.0, temperature_t=1.0, softcap_t=0.0,
           grad_s=False, grad_t=False, log_w=divergences.LOG_ZERO, log_1mw=0.0):
-    return ext.divergence_rows(zs, zt, row_grad, kind=kind, log_w=log_w, log_1mw=log_1mw,
-                               temperature_s=temperature_s, softcap_s=softcap_s, temperature_t=temperature_t,
-                               softcap_t=softcap_t, grad_s=grad_s, grad_t=grad_t)
+    return native.ops().divergence_rows(zs, zt, row_grad, kind=kind, log_w=log_w, log_1mw=log_1mw,
+                                        temperature_s=temperature_s, softcap_s=softcap_s,
+                                        temperature_t=temperature_t, softcap_t=softcap_t, grad_s=grad_s,
+                                        grad_t=grad_t)
 
 
 Z = lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype)  # noqa: E731
@@ -436,7 +437,7 @@ def test_empty_chunk(ext):
 # ----------------------------------------------------------------------------------------------------------------------
 def test_resolves_on_cpu(ext, monkeypatch):
     cpu = torch.device("cpu")
-    assert ext.capability() == native.capability()
+    assert native.ops().capability() == native.capability()
     assert dispatch.resolve("native", cpu) == "native"
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     assert dispatch.resolve("auto", cpu) == "native"

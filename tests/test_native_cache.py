@@ -40,7 +40,8 @@ t0 = time.perf_counter()
 from minillm_fast import native
 mod = native._jit_build(native.capability(), Path(sys.argv[1]) if len(sys.argv) > 1 else None)
 print("FILE", mod.__file__)
-print("ROWS", hasattr(mod, "divergence_rows"))
+import torch
+print("ROWS", hasattr(getattr(torch.ops, native.OPS_NAMESPACE), "divergence_rows"))
 print("SECONDS", time.perf_counter() - t0)
 """
 

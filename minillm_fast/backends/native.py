@@ -1,8 +1,9 @@
 """The ``native`` backend: token chunks whose row work runs in the C++ extension of csrc/ (CPU; fp32 and fp64).
 
 The matmuls of each chunk are torch's (BLAS); each chunk's logits ``[C, V]`` then go through one vectorised,
-multi-threaded C++ pass (minillm_fast/native.py builds and loads the extension): ``divergence_rows`` for the fused
-divergence (row- or vocabulary-major chunks), ``token_logprobs_fwd_rows`` / ``_bwd_rows``,
+multi-threaded C++ pass (minillm_fast/native.py builds and loads the extension; its kernels are the torch.library ops
+``torch.ops.minillm_fast_native.*``, :func:`minillm_fast.native.ops`): ``divergence_rows`` for the fused divergence
+(row- or vocabulary-major chunks), ``token_logprobs_fwd_rows`` / ``_bwd_rows``,
 ``rollout_statistics_rows`` and ``mixture_sample_rows`` (inverse-CDF draws from Philox4x32-10 keyed by the seed with
 the global row index as counter, so a row's draw does not depend on the thread count or the chunking).
 """
@@ -24,7 +25,7 @@ def divergence_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch
     ``ROWS.vocab_major``). Returns loss [C], stats [C, 6] and dL/dzs, dL/dzt (the overwritten buffers, in their
     layout) where asked, else None."""
     zs, zt = _rows_or_columns(zs), _rows_or_columns(zt)
-    loss, stats = native.load().divergence_rows(zs, zt, row_grad, grad_s=grad_s, grad_t=grad_t, **cfg.kernel_args)
+    loss, stats = native.ops().divergence_rows(zs, zt, row_grad, grad_s=grad_s, grad_t=grad_t, **cfg.kernel_args)
     return loss, stats, (zs if grad_s else None), (zt if grad_t else None)
 
 

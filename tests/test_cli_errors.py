@@ -84,3 +84,11 @@ def test_missing_train_extra_names_it(tmp_path, module):
         _distill_args(tmp_path)
     res = _run(args, prelude=prelude)
     _assert_one_paragraph(res, "pip install 'minillm-fast[train]'", repr(module))
+
+
+def test_unwritable_output_dir_is_one_paragraph_before_loading_models(tmp_path):
+    """An output_dir that cannot be created (here under a file; as root, permissions would not stop it)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = _run(_distill_args(tmp_path, output_dir=str(blocker / "run")))
+    _assert_one_paragraph(res, "a-file")

@@ -130,14 +130,14 @@ void divergence_row(T* xs, T* xt, int64_t V, const Consts<T>& k, T scale_s, T sc
   // softcap
   const Vec vc_s(static_cast<T>(c_s)), vc_t(static_cast<T>(c_t)), vscale_s(scale_s), vscale_t(scale_t);
   // one model's G at [j, j + n): g * row_grad / T, times 1 - tanh^2 (x holds tanh) under its softcap
-  auto put_grad = [&](auto tail, T* x, int64_t j, int64_t n, Vec g, const Vec& scale, bool cap) {
+  auto put_grad = [&](auto tail, T* x, int64_t j, int64_t n, const Vec& g, const Vec& scale, bool cap) {
     using Tail = decltype(tail);
-    g = g * scale;
+    Vec G = g * scale;
     if (cap) {
       const Vec c = load<T, Tail>(x + j, n);
-      g = g * (one - c * c);
+      G = G * (one - c * c);
     }
-    store<T, Tail>(x + j, g, n);
+    store<T, Tail>(x + j, G, n);
   };
   for_vecs<T>(0, V, [&](auto tail, int64_t j, int64_t n) {
     Vec lq, lp, g_s, g_t;

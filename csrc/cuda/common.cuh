@@ -226,11 +226,19 @@ MINILLM_HD void rebase(LseState<A>& st, A ms_new, A mt_new) {
   st.m_t = mt_new;
 }
 
-// One thread's share of the first sweep over a row of both models: tile by tile, the tile's maxima, a rebase if
-// they move the running maxima, then the tile's exps against the running maxima (one exp per entry and model).
-template <int ACC, typename S, typename A>
-MINILLM_HD LseState<A> lse_thread(const S* __restrict__ xs, const S* __restrict__ xt, int64_t V, int tid, int nth,
-                                  const Scaling<A>& k) {
+// A callback of lse_sweep that does nothing (lse_thread's).
+struct NoEntry {
+  template <typename A>
+  MINILLM_HD void operator()(int64_t, A, A) const {}
+};
+
+// One thread's share of the first sweep over a row of both models (of s alone without TEACHER: t's state stays
+// empty and zt is never read): tile by tile, the tile's maxima, a rebase if they move the running maxima, then the
+// tile's exps against the running maxima (one exp per entry and model), and on_entry(v, s_v, t_v) for each of the
+// thread's entries v in increasing order (the sampler's Gumbel-max; t_v = kLogZero without TEACHER).
+template <int ACC, bool TEACHER, typename S, typename A, typename OnEntry>
+MINILLM_HD LseState<A> lse_sweep(const S* __restrict__ xs, const S* __restrict__ xt, int64_t V, int tid, int nth,
+                                 const Scaling<A>& k, OnEntry&& on_entry) {
   const A sentinel = static_cast<A>(kLogZero);
   LseState<A> st = LseState<A>::empty();
   for (int64_t base = 0; base < V; base += static_cast<int64_t>(kUnroll) * nth) {
@@ -242,7 +250,7 @@ MINILLM_UNROLL
       const int64_t v = base + static_cast<int64_t>(j) * nth + tid;
       ok[j] = v < V;
       a[j] = ok[j] ? k.scaled(xs[v]) : sentinel;
-      b[j] = ok[j] ? k.scaled(xt[v]) : sentinel;
+      b[j] = (TEACHER && ok[j]) ? k.scaled(xt[v]) : sentinel;
       mx_s = nan_max(mx_s, a[j]);
       mx_t = nan_max(mx_t, b[j]);
     }
@@ -252,17 +260,25 @@ MINILLM_UNROLL
     for (int j = 0; j < kUnroll; ++j) {
       // masked entries add exact zeros (a thread's first tile may be all masked, with m still kLogZero)
       const A da = a[j] - st.m_s, db = b[j] - st.m_t;
-      const A ea = ok[j] ? ex(da) : A(0), eb = ok[j] ? ex(db) : A(0);
+      const A ea = ok[j] ? ex(da) : A(0), eb = (TEACHER && ok[j]) ? ex(db) : A(0);
       sum_s += ea;
       sum_t += eb;
       if (ACC == ACC_REVERSE) sum_acc += ea * (da - db);
       if (ACC == ACC_FORWARD) sum_acc += eb * (db - da);
+      if (ok[j]) on_entry(base + static_cast<int64_t>(j) * nth + tid, a[j], b[j]);
     }
     st.l_s += static_cast<double>(sum_s);
     st.l_t += static_cast<double>(sum_t);
     if (ACC != ACC_NONE) st.acc += static_cast<double>(sum_acc);
   }
   return st;
+}
+
+// The first sweep of the divergence and rollout-statistics kernels: both models, no per-entry work.
+template <int ACC, typename S, typename A>
+MINILLM_HD LseState<A> lse_thread(const S* __restrict__ xs, const S* __restrict__ xt, int64_t V, int tid, int nth,
+                                  const Scaling<A>& k) {
+  return lse_sweep<ACC, true>(xs, xt, V, tid, nth, k, NoEntry{});
 }
 
 // ---------------------------------------------------------------------------------------------------------------------

@@ -41,42 +41,17 @@ MINILLM_HD float gumbel(uint64_t seed, int64_t row, int64_t v) {
   return -logf(-logf(u));
 }
 
-// One thread's share of the sampler's sweep: the online lse of s (and t with TEACHER) as lse_thread, and the best
+// One thread's share of the sampler's sweep: the online lse of s (and t with TEACHER) of lse_sweep, and the best
 // Gumbel score of the chosen model's scaled logits (t when use_t, else s).
 template <bool TEACHER, typename S, typename A>
 MINILLM_HD void sample_thread(const S* __restrict__ xs, const S* __restrict__ xt, int64_t V, int tid, int nth,
                               const Scaling<A>& k, uint64_t seed, int64_t row, bool use_t, LseState<A>& st,
                               Best<A>& best) {
-  const A sentinel = static_cast<A>(kLogZero);
-  st = LseState<A>::empty();
   best = Best<A>{-static_cast<A>(INFINITY), kNoToken};
-  for (int64_t base = 0; base < V; base += static_cast<int64_t>(kUnroll) * nth) {
-    A a[kUnroll], b[kUnroll];
-    bool ok[kUnroll];
-    A mx_s = sentinel, mx_t = sentinel;
-MINILLM_UNROLL
-    for (int j = 0; j < kUnroll; ++j) {
-      const int64_t v = base + static_cast<int64_t>(j) * nth + tid;
-      ok[j] = v < V;
-      a[j] = ok[j] ? k.scaled(xs[v]) : sentinel;
-      b[j] = (TEACHER && ok[j]) ? k.scaled(xt[v]) : sentinel;
-      mx_s = nan_max(mx_s, a[j]);
-      mx_t = nan_max(mx_t, b[j]);
-    }
-    rebase<ACC_NONE>(st, nan_max(st.m_s, mx_s), nan_max(st.m_t, mx_t));
-    A sum_s = 0, sum_t = 0;
-MINILLM_UNROLL
-    for (int j = 0; j < kUnroll; ++j) {
-      if (!ok[j]) continue;
-      const int64_t v = base + static_cast<int64_t>(j) * nth + tid;
-      sum_s += ex(a[j] - st.m_s);
-      if (TEACHER) sum_t += ex(b[j] - st.m_t);
-      const A score = ((TEACHER && use_t) ? b[j] : a[j]) + static_cast<A>(gumbel(seed, row, v));
-      if (score > best.score) best = Best<A>{score, v};  // a thread sees its entries in increasing order
-    }
-    st.l_s += static_cast<double>(sum_s);
-    st.l_t += static_cast<double>(sum_t);
-  }
+  st = lse_sweep<ACC_NONE, TEACHER>(xs, xt, V, tid, nth, k, [&](int64_t v, A s, A t) {
+    const A score = ((TEACHER && use_t) ? t : s) + static_cast<A>(gumbel(seed, row, v));
+    if (score > best.score) best = Best<A>{score, v};  // a thread sees its entries in increasing order
+  });
 }
 
 // log(w a + (1 - w) b) from log a and log b, as minillm_fast.divergences._log_mix: log 0 = -inf, and -inf when both

@@ -13,6 +13,9 @@
 Neither the student's nor the teacher's ``[B, T, V]`` logits are made: both models run up to their final hidden states
 and the loss is computed by :func:`minillm_fast.token_logprobs` and :func:`minillm_fast.fused_divergence` from the
 hidden states and the lm_head weights.
+
+:func:`final_hidden`, :func:`model_heads`, :func:`check_models` and :func:`token_denominator` are the one code path
+from a model and a batch to the fused ops' inputs; the TRL glue (:mod:`minillm_fast.integrations.trl`) uses them too.
 """
 from __future__ import annotations
 
@@ -21,25 +24,70 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, positions_from_mask
+from .heads import Head, head_of, probe, real_vocab_size
 from .losses import LossOptions, divergence_sum, logprobs
-from .heads import head_of, probe, real_vocab_size
 from .models import decoder, unwrap
 
 
-def _final_hidden(model, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-    """Final hidden states ``[B, T, H]``. A bare causal LM runs its base model (no head); a wrapped one (DDP, FSDP,
-    accelerate) is called through its wrapper, so gradient synchronisation and sharding hooks run, with
-    ``output_hidden_states=True`` and ``logits_to_keep=1`` (logits of the last position only: ``[B, 1, V]``)."""
-    from .data import positions_from_mask
+# ----------------------------------------------------------------------------------------------------------------------
+# the one code path from (model, batch) to what the fused ops take: shared with minillm_fast.integrations.trl
+# ----------------------------------------------------------------------------------------------------------------------
+POSITIONS_FROM_MASK = "mask"
 
-    position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
+
+def final_hidden(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
+                 position_ids=POSITIONS_FROM_MASK) -> Tensor:
+    """Final (normed) hidden states ``[B, T, H]`` of a causal LM, never its ``[B, T, V]`` logits.
+
+    A bare causal LM runs its base model (no head). A wrapped one (DDP, FSDP, accelerate: anything with ``.module``)
+    is called through its wrapper, so gradient synchronisation and sharding hooks run, with
+    ``output_hidden_states=True`` and ``logits_to_keep=1`` (logits of the last position only: ``[B, 1, V]``).
+
+    ``position_ids``: ``"mask"`` (default) gives ``cumsum(attention_mask) - 1``, so left-padded rows get the positions
+    of unpadded ones; ``None`` lets the model choose (what ``model(input_ids, attention_mask)`` does: TRL's trainers
+    call their models that way, and the TRL glue mirrors them); or a tensor.
+    """
+    if isinstance(position_ids, str):
+        if position_ids != POSITIONS_FROM_MASK:
+            raise ValueError(f"position_ids={position_ids!r}: expected 'mask', None or a tensor")
+        position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
     if unwrap(model) is model:
         return decoder(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              return_dict=True).last_hidden_state
+                              use_cache=False, return_dict=True).last_hidden_state
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 output_hidden_states=True, logits_to_keep=1, use_cache=False, return_dict=True)
     return out.hidden_states[-1]
+
+
+def model_heads(student, teacher, *, vocab_size: Optional[int] = None, tokenizer=None,
+                student_dtype: Optional[torch.dtype] = None,
+                teacher_dtype: Optional[torch.dtype] = None) -> tuple[Head, Head, int]:
+    """Both models' complete head descriptions (weight, bias, logit scale, softcap: :func:`heads.head_of`), each cast
+    to the dtype of its hidden states when given (a differentiable cast), and the real vocabulary: ``vocab_size``,
+    else :func:`heads.real_vocab_size` (``len(tokenizer)``, else the smaller head's row count). Head rows at or
+    beyond it are excluded from every softmax."""
+    if vocab_size is None:
+        vocab_size = real_vocab_size(tokenizer, student, teacher)
+    return head_of(student, student_dtype), head_of(teacher, teacher_dtype), vocab_size
+
+
+def check_models(student, teacher, vocab_size: int, *, backend: str = "auto") -> None:
+    """The load-time probe of both models (:func:`heads.probe`): a model whose logits the fused path would not
+    reproduce raises :class:`~minillm_fast.distill.heads.HeadMismatchError` before any training."""
+    probe(student, vocab_size, what="student", backend=backend)
+    probe(teacher, vocab_size, what="teacher", backend=backend)
+
+
+def token_denominator(tokens: Tensor, num_items_in_batch=None):
+    """What a token sum is divided by: ``num_items_in_batch`` when the trainer passes it (its count of loss tokens
+    over the gradient-accumulation window, and over the ranks with ``average_tokens_across_devices``), else this
+    batch's own count (at least 1, so an empty batch gives 0, not nan)."""
+    if num_items_in_batch is None:
+        return tokens.clamp(min=1)
+    if isinstance(num_items_in_batch, Tensor):
+        return num_items_in_batch.to(tokens.device)
+    return num_items_in_batch
 
 
 def distillation_loss(student, teacher, batch: dict, *, divergence: str = "forward_kl", kd_ratio: float = 0.5,
@@ -74,21 +122,16 @@ def distillation_loss(student, teacher, batch: dict, *, divergence: str = "forwa
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     labels = labels[:, 1:]
-    s_head, t_head = head_of(student), head_of(teacher)
-    if vocab_size is None:
-        vocab_size = real_vocab_size(tokenizer, student, teacher)
-    opts = LossOptions(vocab_size=vocab_size, backend=backend)
-
-    hs = _final_hidden(student, input_ids, attention_mask)[:, :-1]
+    hs = final_hidden(student, input_ids, attention_mask)[:, :-1]
     with torch.no_grad():
-        ht = _final_hidden(teacher, input_ids, attention_mask)[:, :-1]
+        ht = final_hidden(teacher, input_ids, attention_mask)[:, :-1]
+    s_head, t_head, vocab_size = model_heads(student, teacher, vocab_size=vocab_size, tokenizer=tokenizer)
+    opts = LossOptions(vocab_size=vocab_size, backend=backend)
     ce = -logprobs(hs, s_head, labels, opts).sum()
     div = divergence_sum(hs, s_head, ht, t_head, opts, divergence=divergence, labels=labels,
                          temperature=temperature, **divergence_kwargs) if kd_ratio > 0 else torch.zeros_like(ce)
     tokens = (labels != IGNORE_INDEX).sum()
-    denom = num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1)
-    if isinstance(denom, Tensor):
-        denom = denom.to(ce.device)
+    denom = token_denominator(tokens, num_items_in_batch)
     loss = ((1 - kd_ratio) * ce + kd_ratio * div) / denom
     if return_terms:
         return loss, {"ce": ce.detach() / denom, "divergence": div.detach() / denom, "tokens": tokens}
@@ -117,9 +160,7 @@ class DistillationTrainerMixin:
             self.distill_kwargs["tokenizer"] = tokenizer
         vocab = self.distill_kwargs.get("vocab_size") or real_vocab_size(
             self.distill_kwargs.get("tokenizer"), self.model, self.teacher_model)
-        backend = self.distill_kwargs.get("backend", "auto")
-        probe(self.model, vocab, what="student", backend=backend)
-        probe(self.teacher_model, vocab, what="teacher", backend=backend)
+        check_models(self.model, self.teacher_model, vocab, backend=self.distill_kwargs.get("backend", "auto"))
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
         device = next(unwrap(model).parameters()).device

@@ -13,7 +13,7 @@ import torch
 
 torch.set_num_threads(1)
 
-from minillm_fast.distill import dist, fsdp  # noqa: E402
+from minillm_fast.distill import fsdp, ranks  # noqa: E402
 from minillm_fast.distill.config import DistillConfig, parse_overrides  # noqa: E402
 from minillm_fast.distill.trainer import Trainer  # noqa: E402
 
@@ -30,10 +30,10 @@ def main() -> None:
         if trainer.main:
             torch.save(grads, out)
 
-    env = dist.init("cpu")
+    env = ranks.init("cpu")
     trainer = Trainer(cfg, env=env, hooks={"after_backward": save_grads})
     trainer.train()
-    dist.destroy()
+    ranks.destroy()
     if env.is_main:
         print(f"world size {env.world_size}: wrote {os.path.basename(out)}")
 

@@ -1,6 +1,7 @@
 """Config: DESIGN section 3 defaults, YAML + key=value overrides, and early, clear failures."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -94,10 +95,75 @@ def test_vocab_mismatch_and_missing_model(tmp_path):
 def test_cli_reports_config_errors(tmp_path):
     torch.manual_seed(0)
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    import os
 
     env.update({k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "HOME", "VIRTUAL"))})
     res = subprocess.run([sys.executable, "-m", "minillm_fast.distill", "method=minilm", "--dry-run"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2
     assert "error: method='minilm' is not supported (did you mean 'minillm'?)" in res.stderr
+
+
+def _cli_args(cfg, **extra) -> list[str]:
+    values = {k: cfg.to_dict()[k] for k in ("method", "student", "teacher", "train_data", "valid_data",
+                                            "output_dir")}
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_dry_run_catches_eval_generate_off_with_the_default_select_metric(tmp_path, capsys):
+    """select_metric defaults to rougeL, which needs sampled responses: --dry-run stops there, not the run's start."""
+    from minillm_fast import cli as package_cli
+
+    cfg = config(tmp_path, method="sft")
+    message = "select_metric='rougeL' needs eval_generate=true (or select_metric=loss / none)"
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config(tmp_path, method="sft", eval_generate=False, select_metric=None).resolve()
+    assert package_cli.main(["distill", *_cli_args(cfg, eval_generate="false"), "--dry-run"]) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+    for ok in (dict(eval_generate="false", select_metric="loss"), dict(eval_generate="true")):
+        assert package_cli.main(["distill", *_cli_args(cfg, **ok), "--dry-run"]) == 0
+    capsys.readouterr()
+    assert config(tmp_path, eval_generate=False, select_metric=None, valid_data=None).resolve().select_metric == \
+        "rougeL"                                         # no validation set: nothing to select with
+
+
+def test_dry_run_catches_an_output_dir_of_an_earlier_run(tmp_path, capsys):
+    from minillm_fast import cli as package_cli
+
+    cfg = config(tmp_path, method="sft")
+    os.makedirs(os.path.join(cfg.output_dir, "checkpoints"))
+    open(os.path.join(cfg.output_dir, "checkpoints", "step_00000007.pt"), "wb").close()
+    assert package_cli.main(["distill", *_cli_args(cfg), "--dry-run"]) == 2
+    assert "holds checkpoints of an earlier run (up to step 7)" in capsys.readouterr().err
+    for ok in ("overwrite=true", "resume=true"):
+        assert package_cli.main(["distill", *_cli_args(cfg), ok, "--dry-run"]) == 0
+
+
+def test_every_key_has_help_in_the_cli_and_the_docs():
+    """Each field carries its help as metadata; --help-config prints it; docs/distill.md names every key."""
+    import dataclasses
+
+    from minillm_fast.distill.cli import config_help
+
+    text = config_help()
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "distill.md")) as f:
+        docs = f.read()
+    fields = dataclasses.fields(DistillConfig)
+    assert len(fields) >= 80                             # the whole config, not an empty one
+    for f in fields:
+        help_ = f.metadata.get("help", "")
+        assert len(help_) > 5, f"config key {f.name} has no help"
+        line = next((x for x in text.splitlines() if x.split()[:1] == [f.name]), None)
+        assert line is not None and line.endswith(help_), f.name
+        assert f"`{f.name}`" in docs, f"docs/distill.md does not mention config key {f.name}"
+    assert "lr_min                 null" in text and "eval_seeds             [10, 20, 30, 40, 50]" in text
+
+
+def test_every_method_has_one_registered_implementation():
+    from minillm_fast.distill import config as C
+    from minillm_fast.distill.base import Method
+    from minillm_fast.distill.trainer import METHODS
+
+    assert sorted(METHODS) == sorted(C.METHODS)
+    for name, cls in METHODS.items():
+        assert issubclass(cls, Method) and cls.__module__.startswith("minillm_fast.distill.methods."), name

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distill_utils import config
 
 from minillm_fast.distill import ppo
-from minillm_fast.distill import trainer as T
+from minillm_fast.distill.methods import minillm as M
 
 
 def test_rewards_scaled_clipped_masked():
@@ -55,13 +55,13 @@ def test_advantages_match_definition(variant, length_norm):
 def _slow_reference(trainer, ro, adv, weight, pt, ppo_tokens, pt_tokens):
     """The step's loss from ``model(...).logits`` (the CausalLM forward, [B, T, V] in fp32) and plain formulas."""
     cfg, v = trainer.cfg, trainer.vocab_size
-    ro = T._trim(ro)
+    ro = M._trim(ro)
     p, r = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
     adv, weight = adv[:, :r], weight[:, :r]
     ids = torch.cat([ro.prompt_ids, ro.response_ids], 1)
     msk = torch.cat([ro.prompt_mask, ro.response_mask.long()], 1)
     b1 = ids.shape[0]
-    ids, msk = T._cat_rows([ids, pt["input_ids"]], [msk, pt["attention_mask"]], trainer.pad_id)
+    ids, msk = M._cat_rows([ids, pt["input_ids"]], [msk, pt["attention_mask"]], trainer.pad_id)
     pos = (msk.cumsum(-1) - 1).clamp(min=0)
     logits = trainer.student(input_ids=ids, attention_mask=msk, position_ids=pos).logits.float()[..., :v]
     with torch.no_grad():
@@ -103,20 +103,20 @@ def test_minillm_step_fused_equals_materialised_logits(tmp_path, arch, overrides
         params.update(copy.deepcopy(tr.student.state_dict()))
 
     trainer = Trainer(cfg, hooks={"after_backward": after_backward})
-    real_micro = trainer._minillm_micro
+    real_micro = trainer.method.micro_loss
 
     def recording_micro(*args):
         loss, parts = real_micro(*args)
         seen["args"], seen["loss"] = args, loss.detach()
         return loss, parts
 
-    trainer._minillm_micro = recording_micro
+    trainer.method.micro_loss = recording_micro
     trainer.train()
 
     trainer.student.load_state_dict(params)        # the weights the step's gradient was taken at
     trainer.student.zero_grad(set_to_none=True)
     ro, adv, weight, pt, ppo_tokens, pt_tokens = seen["args"]
-    slow = _slow_reference(trainer, ro, adv, weight, trainer._to(pt), ppo_tokens, pt_tokens)
+    slow = _slow_reference(trainer, ro, adv, weight, trainer.to_device(pt), ppo_tokens, pt_tokens)
     slow.backward()
     torch.testing.assert_close(seen["loss"], slow.detach(), atol=1e-5, rtol=1e-5)
     worst = 0.0

@@ -1,6 +1,6 @@
-"""OKD (method=okd, minillm_fast/distill/okd.py): both losses fall, only the teacher's LoRA parameters move, the
-gradients equal those of Eq. 16-17 written on materialised float64 logits, a resumed run reproduces an uninterrupted
-one, and a missing peft says how to install it."""
+"""OKD (method=okd, minillm_fast/distill/methods/okd.py): both losses fall, only the teacher's LoRA parameters
+move, the gradients equal those of Eq. 16-17 written on materialised float64 logits, a resumed run reproduces an
+uninterrupted one, and a missing peft says how to install it."""
 from __future__ import annotations
 
 import copy
@@ -13,10 +13,11 @@ import torch
 from distill_utils import config, read_metrics, torchrun, without_timing, workspace
 
 from minillm_fast import cli as package_cli
-from minillm_fast.distill import heads, models, okd, toy
+from minillm_fast.distill import heads, models, toy
 from minillm_fast.distill.config import ConfigError
 from minillm_fast.distill.data import IGNORE_INDEX
 from minillm_fast.distill.losses import LossOptions
+from minillm_fast.distill.methods import okd
 from minillm_fast.distill.trainer import Trainer
 
 import peft  # noqa: E402  - the okd extra is part of the test extra: a missing peft fails here, loudly (no skip)
@@ -71,19 +72,19 @@ def test_losses_fall_and_only_the_lora_parameters_move(tmp_path, arch, targets):
     assert os.path.isfile(os.path.join(adapter, "adapter_config.json"))
     reloaded = peft.PeftModel.from_pretrained(models.load_model(workspace(arch)["teacher"]), adapter)
     got = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
-    want = {n: p for n, p in tr.okd.peft_model.named_parameters() if "lora_" in n}
+    want = {n: p for n, p in tr.method.peft_model.named_parameters() if "lora_" in n}
     assert got.keys() == want.keys()
     assert all(torch.equal(got[n], want[n]) for n in want)
 
     # validation compares the student with the original teacher (adapter off), as every method's does
     ev = tr.evaluate()
-    adapted = Trainer.evaluate(tr)                               # the unwrapped evaluate: adapter on
+    adapted = tr.validation_metrics()                            # outside the method's context: adapter on
     assert abs(adapted["eval/kd"] - ev["eval/kd"]) > 1e-3
     with torch.no_grad():
         for n, p in tr.teacher.named_parameters():
             if "lora_B" in n:
                 p.zero_()                                        # the adapter is now the identity
-    assert Trainer.evaluate(tr)["eval/kd"] == pytest.approx(ev["eval/kd"], rel=1e-5)
+    assert tr.validation_metrics()["eval/kd"] == pytest.approx(ev["eval/kd"], rel=1e-5)
 
 
 class Interrupt(Exception):
@@ -125,7 +126,7 @@ def test_resume_reproduces_uninterrupted_metrics(tmp_path):
 def test_two_processes_match_one_process(tmp_path):
     """torchrun, 2 gloo processes on CPU (DDP) vs one process accumulating the same two micro-batches, two steps: the
     student in final/ and the teacher module in teacher_adapter/ agree (the module is not DDP-wrapped: its gradients
-    are all-reduced by okd.py; without that each rank would step on its own half batch)."""
+    are all-reduced by methods/okd.py; without that each rank would step on its own half batch)."""
     from safetensors.torch import load_file
 
     cfg = okd_config(tmp_path, total_iters=2, batch_size=8, micro_batch_size=4, lr=5e-3, okd_lr=2e-2,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Optional, Sequence
 
 USAGE = """\
@@ -18,19 +17,10 @@ plots/*.png, eval/results.{json,md}. resume=true continues from the latest check
 
 
 def config_help() -> str:
-    """The config keys, their defaults and their comments, read from config.py."""
-    import inspect
-    import re
+    """The config keys, their defaults and their help (each field's ``metadata["help"]`` in config.py)."""
+    from .config import help_text
 
-    from .config import DistillConfig
-
-    src = inspect.getsource(DistillConfig)
-    lines = []
-    for f in dataclasses.fields(DistillConfig):
-        m = re.search(rf"^\s+{f.name}: [^=]+= (.+?)(?:\s+#\s*(.*))?$", src, re.M)
-        default, comment = (m.group(1), m.group(2) or "") if m else ("", "")
-        lines.append(f"  {f.name:22s} {default:28s} {comment}")
-    return "config keys (null = per-method default):\n" + "\n".join(lines)
+    return help_text()
 
 
 def distill_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -38,7 +28,7 @@ def distill_main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (values parsed as YAML)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     parser.add_argument("--dry-run", action="store_true", help="resolve and check the config, print it, stop")
     args = parser.parse_args(argv)
     if args.help_config:
@@ -59,9 +49,9 @@ def distill_main(argv: Optional[Sequence[str]] = None) -> int:
 
         Trainer(cfg).train()
     finally:
-        from . import dist
+        from . import ranks
 
-        dist.destroy()
+        ranks.destroy()
     return 0
 
 

@@ -1,5 +1,11 @@
 """The distillation config: one dataclass, read from YAML, overridden by ``key=value`` pairs, checked before any work.
 
+This module validates everything that can be checked without loading a model or reading the data: values, choices,
+batch arithmetic, paths, the consistency of related keys (``select_metric`` with ``eval_generate``, the keys a
+method needs), the ``okd_*`` keys and the ``peft`` install of method=okd, and an ``output_dir`` that holds an earlier
+run. ``--dry-run`` runs exactly these checks; the trainer adds only those that need the models or the data. Each
+field carries its one line of help as ``metadata["help"]`` (``--help-config`` prints :func:`help_text`).
+
 Defaults follow the MiniLLM reference implementation (microsoft/LMOps, folder minillm; DESIGN.md section 3). Keys
 whose reference value differs between MiniLLM and the baselines (learning rate, schedule, warm-up, weight decay,
 batch size, dropout, evaluation interval) default to ``null`` and are resolved per ``method`` by :meth:`resolve`;
@@ -14,9 +20,11 @@ import dataclasses
 import difflib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-METHODS = ("sft", "kd", "seqkd", "minillm", "okd")
+from . import checkpoint as ckpt
+
+METHODS = ("sft", "kd", "seqkd", "minillm", "okd")     # the trainer's registry holds one implementation of each
 DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -26,6 +34,8 @@ SELECT_METRICS = ("rougeL", "loss", "none")
 SEQKD_OBJECTIVES = ("kd", "sft")
 BACKENDS = ("auto", "triton", "native", "torch")
 PARALLEL = ("ddp", "fsdp")
+OKD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+OKD_INSTALL = "pip install 'minillm-fast[okd]'"
 
 # Per-method defaults of the keys left null (reference scripts: gpt2/minillm/train_*.sh for minillm,
 # gpt2/{sft,kd,seqkd}/*_base.sh for the baselines; the paper's appendix B.1).
@@ -41,96 +51,114 @@ class ConfigError(ValueError):
     """A config value a user can fix: the message names the key, the value and what is expected."""
 
 
+def _field(default: Any = None, help: str = "", *, factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A config field and its one line of help (``--help-config`` prints it; docs/distill.md explains it)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DistillConfig:
+    """Every key of a run. A ``null`` default is resolved per ``method`` by :meth:`resolve` (see ``METHOD_DEFAULTS``);
+    each field's ``metadata["help"]`` is its line in ``--help-config``."""
+
     # --- what to run ---------------------------------------------------------------------------------------------
-    method: str = "minillm"                 # sft | kd | seqkd | minillm | okd
-    student: Optional[str] = None           # local path of the student (save_pretrained directory)
-    teacher: Optional[str] = None           # local path of the teacher (kd, seqkd, minillm, okd)
-    tokenizer: Optional[str] = None         # local path of the tokenizer (default: the student's)
-    train_data: Optional[str] = None        # JSONL: instruction, [context|input], response
-    valid_data: Optional[str] = None        # JSONL, same fields; response may be a list (references)
-    pt_data: Optional[str] = None           # plain-text corpus (.txt, blank-line separated, or .jsonl "text")
-    output_dir: Optional[str] = None        # the run directory
-    seed: int = 10
-    device: str = "auto"                    # auto | cpu | cuda
-    dtype: str = "fp32"                     # fp32 | bf16 compute (bf16: autocast, fp32 master weights)
-    teacher_dtype: Optional[str] = None     # default: dtype
-    attn_implementation: str = "auto"       # auto (transformers chooses what the model supports) | ...
-    backend: str = "auto"                   # backend of the fused ops (MINILLM_FAST_BACKEND also applies)
-    parallel: str = "ddp"                   # ddp | fsdp: how torchrun ranks share the models (fsdp: sharded)
+    method: str = _field("minillm", "sft | kd | seqkd | minillm | okd")
+    student: Optional[str] = _field(None, "local path of the student (save_pretrained directory)")
+    teacher: Optional[str] = _field(None, "local path of the teacher (kd, seqkd, minillm, okd; else for validation)")
+    tokenizer: Optional[str] = _field(None, "local path of the tokenizer (default: the student's)")
+    train_data: Optional[str] = _field(None, "JSONL: instruction, [context|input], response")
+    valid_data: Optional[str] = _field(None, "JSONL, same fields; response may be a list (references)")
+    pt_data: Optional[str] = _field(None, "plain-text corpus (.txt, blank-line separated, or .jsonl \"text\")")
+    output_dir: Optional[str] = _field(None, "the run directory")
+    seed: int = _field(10, "every order, sample and initialisation derives from it")
+    device: str = _field("auto", "auto | cpu | cuda")
+    dtype: str = _field("fp32", "fp32 | bf16 compute (bf16: autocast, fp32 master weights)")
+    teacher_dtype: Optional[str] = _field(None, "fp32 | bf16 (default: dtype)")
+    attn_implementation: str = _field("auto", "auto (transformers chooses what the model supports) | sdpa | eager | "
+                                           "flash_attention_2")
+    backend: str = _field("auto", "auto | triton | native | torch: backend of the fused ops (MINILLM_FAST_BACKEND "
+                               "also applies)")
+    parallel: str = _field("ddp", "ddp | fsdp: how torchrun ranks share the models (fsdp: sharded)")
     # --- data ----------------------------------------------------------------------------------------------------
-    max_length: int = 512                   # prompt + response tokens
-    max_prompt_length: int = 256            # longer prompts are dropped
-    max_train_samples: Optional[int] = None
-    max_valid_samples: Optional[int] = 1000  # the reference's dev-num
+    max_length: int = _field(512, "prompt + response tokens")
+    max_prompt_length: int = _field(256, "longer prompts are dropped")
+    max_train_samples: Optional[int] = _field(None, "use at most this many training examples (null: all)")
+    max_valid_samples: Optional[int] = _field(1000, "use at most this many validation examples (the reference's "
+                                                 "dev-num)")
     # --- optimisation --------------------------------------------------------------------------------------------
-    lr: Optional[float] = None              # minillm 5e-6; baselines 5e-4
-    lr_min: Optional[float] = None          # floor of cosine/linear decay (default 1e-7, the reference's lr-min)
-    lr_schedule: Optional[str] = None       # minillm constant (with warm-up); baselines cosine
-    warmup_steps: Optional[int] = None      # minillm 100; baselines 0
-    weight_decay: Optional[float] = None    # minillm 1e-6; baselines 1e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0                  # max global grad norm; 0 disables
-    batch_size: Optional[int] = None        # global sequences per optimiser step: minillm 64; baselines 32
-    micro_batch_size: Optional[int] = None  # per rank per forward (default batch_size / world size)
-    epochs: int = 20                        # baselines: passes over the training set
-    total_iters: Optional[int] = None       # optimiser steps: minillm 5000; baselines epochs x steps/epoch
-    disable_dropout: Optional[bool] = None  # minillm true (reference: dropout off); baselines false
+    lr: Optional[float] = _field(None, "learning rate: minillm 5e-6; baselines 5e-4")
+    lr_min: Optional[float] = _field(None, "floor of cosine/linear decay (default 1e-7, the reference's lr-min)")
+    lr_schedule: Optional[str] = _field(None, "constant | cosine | linear after the warm-up: minillm constant; "
+                                           "baselines cosine")
+    warmup_steps: Optional[int] = _field(None, "linear warm-up steps: minillm 100; baselines 0")
+    weight_decay: Optional[float] = _field(None, "AdamW weight decay, matrices only: minillm 1e-6; baselines 1e-2")
+    adam_beta1: float = _field(0.9, "AdamW beta1")
+    adam_beta2: float = _field(0.95, "AdamW beta2")
+    adam_eps: float = _field(1e-8, "AdamW epsilon")
+    grad_clip: float = _field(1.0, "max global grad norm; 0 disables")
+    batch_size: Optional[int] = _field(None, "global sequences per optimiser step: minillm 64; baselines 32")
+    micro_batch_size: Optional[int] = _field(None, "per rank per forward (default batch_size / world size)")
+    epochs: int = _field(20, "baselines: passes over the training set")
+    total_iters: Optional[int] = _field(None, "optimiser steps: minillm 5000; baselines epochs x steps/epoch")
+    disable_dropout: Optional[bool] = _field(None, "minillm true (reference: dropout off); baselines false")
     # --- KD / SeqKD ----------------------------------------------------------------------------------------------
-    kd_ratio: float = 0.5                   # loss = (1 - kd_ratio) CE + kd_ratio soft-CE(teacher); also the PT term
-    seqkd_data: Optional[str] = None        # teacher responses (JSONL) to reuse; null = generate them first
-    seqkd_objective: str = "kd"             # kd | sft: objective on the teacher-generated responses
+    kd_ratio: float = _field(0.5, "loss = (1 - kd_ratio) CE + kd_ratio KL(teacher || student); also MiniLLM's PT term")
+    seqkd_data: Optional[str] = _field(None, "teacher responses (JSONL) to reuse; null = generate them first")
+    seqkd_objective: str = _field("kd", "kd | sft: objective on the teacher-generated responses")
     # --- MiniLLM -------------------------------------------------------------------------------------------------
-    num_rollouts: int = 256                 # global rollouts per collection
-    rollout_batch_size: int = 16            # prompts per generation call (the reference's chunk-size)
-    ppo_epochs: int = 4                     # inner epochs over each rollout buffer
-    alpha: float = 0.2                      # teacher mix-in of the sampling distribution; 0 = student only
-    gamma: float = 0.95
-    cliprange: float = 0.2                  # PPO ratio clip
-    reward_scaling: Optional[float] = 0.5   # rewards are divided by it (null: not scaled)
-    cliprange_reward: Optional[float] = 100.0  # rewards clipped to +-this (null: not clipped)
-    length_norm: bool = True                # divide the return by the number of remaining tokens
-    advantage: str = "reference"            # reference: sum_{t'>=t} / N_t | paper: R_{t+1} / (tokens after t)
-    whiten_advantages: bool = True
-    single_step: bool = True                # add the full-vocabulary reverse KL term
-    single_step_weighted: bool = False      # weight it by w_t (paper Eq. 5; the reference does not)
-    lm_coef: float = 1.0                    # weight of the pre-training term (needs pt_data)
-    pt_batch_size: Optional[int] = None     # global PT sequences per step (default batch_size)
-    temperature: float = 1.0
-    top_k: int = 0                          # rollouts sample the full distribution: only 0 is supported
-    top_p: float = 1.0                      # only 1.0 is supported
-    max_new_tokens: Optional[int] = None    # default max_length - max_prompt_length
-    cache_teacher_hidden: bool = True       # keep the teacher's rollout hidden states for the single-step term
-    # --- OKD (online KD: a LoRA module on the teacher, trained with the student; distill/okd.py) ---------------------
-    okd_alpha: float = 0.5                  # teacher loss a KL + (1 - a) CE(labels) (the paper's alpha, Eq. 16)
-    okd_divergence: str = "forward_kl"      # student loss (Eq. 17): forward_kl KL(p||q) | reverse_kl KL(q||p) | jsd
-    okd_teacher_divergence: str = "reverse_kl"  # teacher's KL term (Eq. 16): reverse_kl KL(q||p) | forward_kl | jsd
-    okd_jsd_beta: float = 0.5               # teacher weight in the JSD mixture (when either divergence is jsd)
-    okd_lora_rank: int = 32                 # LoRA rank r of the teacher's online module
-    okd_lora_alpha: Optional[float] = None  # LoRA alpha; scaling s = alpha / r (default 2 r: s = 2)
-    okd_lora_dropout: float = 0.0
-    okd_target_modules: Optional[list] = None  # null: the attention query/value projections (q_proj/v_proj, c_attn)
-    okd_lr: Optional[float] = None          # the LoRA module's lr (default lr; same schedule)
+    num_rollouts: int = _field(256, "global rollouts per collection")
+    rollout_batch_size: int = _field(16, "prompts per generation call (the reference's chunk-size)")
+    ppo_epochs: int = _field(4, "inner epochs over each rollout buffer")
+    alpha: float = _field(0.2, "teacher mix-in of the sampling distribution; 0 = student only")
+    gamma: float = _field(0.95, "discount of the rewards")
+    cliprange: float = _field(0.2, "PPO ratio clip")
+    reward_scaling: Optional[float] = _field(0.5, "rewards are divided by it (null: not scaled)")
+    cliprange_reward: Optional[float] = _field(100.0, "rewards clipped to +-this (null: not clipped)")
+    length_norm: bool = _field(True, "divide the return by the number of remaining tokens")
+    advantage: str = _field("reference", "reference: sum_{t'>=t} / N_t | paper: R_{t+1} / (tokens after t)")
+    whiten_advantages: bool = _field(True, "whiten advantages over the valid tokens of the global mini-batch")
+    single_step: bool = _field(True, "add the full-vocabulary reverse KL term")
+    single_step_weighted: bool = _field(False, "weight it by w_t (paper Eq. 5; the reference does not)")
+    lm_coef: float = _field(1.0, "weight of the pre-training term (needs pt_data; 0 = off)")
+    pt_batch_size: Optional[int] = _field(None, "global PT sequences per step (default batch_size)")
+    temperature: float = _field(1.0, "sampling temperature of rollouts and validation samples")
+    top_k: int = _field(0, "rollouts sample the full distribution: only 0 is supported")
+    top_p: float = _field(1.0, "only 1.0 is supported")
+    max_new_tokens: Optional[int] = _field(None, "response tokens per rollout (default max_length - "
+                                              "max_prompt_length)")
+    cache_teacher_hidden: bool = _field(True, "keep the teacher's rollout hidden states for the single-step term")
+    # --- OKD (online KD: a LoRA module on the teacher, trained with the student; distill/methods/okd.py) -------------
+    okd_alpha: float = _field(0.5, "teacher loss a KL + (1 - a) CE(labels) (the paper's alpha, Eq. 16)")
+    okd_divergence: str = _field("forward_kl", "student loss (Eq. 17): forward_kl KL(p||q) | reverse_kl KL(q||p) | jsd")
+    okd_teacher_divergence: str = _field("reverse_kl", "teacher's KL term (Eq. 16): reverse_kl KL(q||p) | forward_kl | "
+                                                    "jsd")
+    okd_jsd_beta: float = _field(0.5, "teacher weight in the JSD mixture (when either divergence is jsd)")
+    okd_lora_rank: int = _field(32, "LoRA rank r of the teacher's online module")
+    okd_lora_alpha: Optional[float] = _field(None, "LoRA alpha; scaling s = alpha / r (default 2 r: s = 2)")
+    okd_lora_dropout: float = _field(0.0, "dropout on the LoRA input (the teacher itself stays in eval mode)")
+    okd_target_modules: Optional[list] = _field(None, "modules to adapt (null: the attention query/value projections: "
+                                                   "q_proj/v_proj, c_attn, ...)")
+    okd_lr: Optional[float] = _field(None, "the LoRA module's lr (default lr; same schedule)")
     # --- evaluation ----------------------------------------------------------------------------------------------
-    eval_interval: Optional[int] = None     # optimiser steps between evaluations (minillm 100; baselines 1 epoch)
-    eval_generate: bool = True              # sample responses for Rouge-L / exact match / reverse KL
-    eval_batch_size: int = 32
-    eval_max_new_tokens: Optional[int] = None  # default max_new_tokens
-    select_metric: Optional[str] = None     # rougeL | loss | none: which validation number picks best/
-    final_eval: bool = True                 # evaluate best/ (or final/) over eval_seeds at the end
-    eval_seeds: list = field(default_factory=lambda: [10, 20, 30, 40, 50])
-    no_repeat_ngram_size: int = 6           # final evaluation only (model.generate)
+    eval_interval: Optional[int] = _field(None, "optimiser steps between evaluations (minillm 100; baselines 1 epoch)")
+    eval_generate: bool = _field(True, "sample responses for Rouge-L / exact match / reverse KL")
+    eval_batch_size: int = _field(32, "prompts per validation batch")
+    eval_max_new_tokens: Optional[int] = _field(None, "response tokens of validation samples (default max_new_tokens)")
+    select_metric: Optional[str] = _field(None, "rougeL | loss | none: which validation number picks best/ (default "
+                                             "rougeL, which needs eval_generate)")
+    final_eval: bool = _field(True, "evaluate best/ (or final/) over eval_seeds at the end")
+    eval_seeds: list = _field(help="seeds of the final evaluation", factory=lambda: [10, 20, 30, 40, 50])
+    no_repeat_ngram_size: int = _field(6, "final evaluation only (model.generate)")
     # --- run -----------------------------------------------------------------------------------------------------
-    log_interval: int = 1
-    save_interval: int = 500                # optimiser steps between checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    resume: Any = False                     # false | true (latest checkpoint in output_dir) | a checkpoint path
-    overwrite: bool = False                 # start afresh in an output_dir that holds an earlier run's checkpoints
-    progress_bar: bool = True
-    plots: bool = True
+    log_interval: int = _field(1, "optimiser steps between metrics lines")
+    save_interval: int = _field(500, "optimiser steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _field(2, "newest checkpoints kept")
+    resume: Any = _field(False, "false | true (latest checkpoint in output_dir) | a checkpoint path")
+    overwrite: bool = _field(False, "start afresh in an output_dir that holds an earlier run's checkpoints")
+    progress_bar: bool = _field(True, "a tqdm bar on rank 0")
+    plots: bool = _field(True, "write plots/*.png from metrics.jsonl at the end")
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -189,13 +217,40 @@ class DistillConfig:
         if cfg.pt_batch_size is None:
             cfg.pt_batch_size = cfg.batch_size
         if cfg.method == "okd":
-            from .okd import resolve_config
-
-            resolve_config(cfg)         # okd_* defaults and checks; peft must be installed
+            cfg._resolve_okd()          # okd_* defaults and checks; peft must be installed
         cfg._check(world_size, check_paths)
         if cfg.micro_batch_size is None:
             cfg.micro_batch_size = cfg.batch_size // world_size
         return cfg
+
+    def _resolve_okd(self) -> None:
+        """method=okd: fill the ``okd_*`` defaults (in place) and check them; peft must be importable."""
+        _choice("okd_divergence", self.okd_divergence, OKD_DIVERGENCES)
+        _choice("okd_teacher_divergence", self.okd_teacher_divergence, OKD_DIVERGENCES)
+        _number("okd_alpha", self.okd_alpha, low=0.0, high=1.0)
+        _number("okd_jsd_beta", self.okd_jsd_beta, low=0.0, high=1.0)
+        _int("okd_lora_rank", self.okd_lora_rank, minimum=1)
+        if self.okd_lora_alpha is None:
+            self.okd_lora_alpha = 2.0 * self.okd_lora_rank
+        _number("okd_lora_alpha", self.okd_lora_alpha, low=0.0, low_open=True)
+        _number("okd_lora_dropout", self.okd_lora_dropout, low=0.0)
+        if self.okd_lora_dropout >= 1.0:
+            raise ConfigError(f"okd_lora_dropout={self.okd_lora_dropout!r} must be < 1")
+        if self.okd_lr is None:
+            self.okd_lr = self.lr
+        _number("okd_lr", self.okd_lr, low=0.0, low_open=True)
+        targets = self.okd_target_modules
+        if isinstance(targets, str):
+            targets = [targets]
+        if targets is not None and (not isinstance(targets, (list, tuple)) or not targets
+                                    or not all(isinstance(t, str) and t for t in targets)):
+            raise ConfigError(f"okd_target_modules={self.okd_target_modules!r} must be null (the attention query and "
+                              f"value projections) or a list of module names, e.g. [q_proj, v_proj]")
+        self.okd_target_modules = None if targets is None else list(targets)
+        if self.parallel != "ddp":
+            raise ConfigError(f"method='okd' runs with parallel=ddp only (the teacher's LoRA module is trained and "
+                              f"its gradients are all-reduced as a replicated module); got parallel={self.parallel!r}")
+        require_peft()
 
     def _check(self, world_size: int, check_paths: bool) -> None:
         _choice("dtype", self.dtype, DTYPES)
@@ -239,6 +294,8 @@ class DistillConfig:
         if (not isinstance(self.eval_seeds, list) or not self.eval_seeds
                 or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.eval_seeds)):
             raise ConfigError(f"eval_seeds={self.eval_seeds!r} must be a non-empty list of ints, e.g. [10, 20, 30]")
+        if self.select_metric == "rougeL" and self.valid_data and not self.eval_generate:
+            raise ConfigError("select_metric='rougeL' needs eval_generate=true (or select_metric=loss / none)")
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"max_prompt_length={self.max_prompt_length} must be < max_length={self.max_length} "
                               f"(room is needed for the response)")
@@ -273,8 +330,7 @@ class DistillConfig:
 
         # paths
         required = ["student", "train_data", "output_dir"]
-        if self.method in ("kd", "minillm", "okd") or (self.method == "seqkd" and not (
-                self.seqkd_data and self.seqkd_objective == "sft")):
+        if needs_teacher(self):
             required.append("teacher")
         for key in required:
             if not getattr(self, key):
@@ -289,6 +345,48 @@ class DistillConfig:
             if isinstance(self.resume, str) and not os.path.exists(self.resume):
                 raise ConfigError(f"resume={self.resume!r} does not exist; pass a checkpoint file, or true for the "
                                   f"latest one in output_dir")
+            earlier = ckpt.list_checkpoints(os.path.join(self.output_dir, "checkpoints"))
+            if earlier and self.resume is False and not self.overwrite:
+                raise ConfigError(f"output_dir={self.output_dir!r} holds checkpoints of an earlier run (up to step "
+                                  f"{earlier[-1][0]}); pass resume=true to continue it, overwrite=true to start "
+                                  f"afresh there, or another output_dir")
+
+
+def needs_teacher(cfg: DistillConfig) -> bool:
+    """Whether training itself reads the teacher: kd, minillm and okd always; seqkd to generate its data (no
+    ``seqkd_data``) or for its kd objective. (Any method also loads a given teacher to score validation.)"""
+    return cfg.method in ("kd", "minillm", "okd") or (
+        cfg.method == "seqkd" and not (cfg.seqkd_data and cfg.seqkd_objective == "sft"))
+
+
+def require_peft():
+    """The ``peft`` module (method=okd's LoRA), or a :class:`ConfigError` that gives the install command."""
+    try:
+        import peft
+    except ImportError as e:
+        raise ConfigError(f"method='okd' needs the peft library for the teacher's LoRA module ({e}); install it with "
+                          f"{OKD_INSTALL} (or pip install peft)") from None
+    return peft
+
+
+def help_text() -> str:
+    """``--help-config``: every key, its default and its help (the fields' metadata)."""
+    lines = []
+    for f in dataclasses.fields(DistillConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"  {f.name:22s} {_show(default):12s} {f.metadata['help']}")
+    return "config keys (null = per-method default):\n" + "\n".join(lines)
+
+
+def _show(value) -> str:
+    """A default as YAML writes it (null, true, 1e-08, [10, 20])."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

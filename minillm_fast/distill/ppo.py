@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dist
+from . import ranks
 
 
 def rewards(teacher_logprobs: Tensor, student_logprobs: Tensor, mask: Tensor, *,
@@ -80,10 +80,10 @@ def masked_whiten(x: Tensor, mask: Tensor, *, eps: float = 1e-8, group=None) -> 
     """``(x - mean) / sqrt(var + eps)`` over the masked entries (of every rank), 0 elsewhere."""
     m = mask.to(x.dtype)
     stats = torch.stack([(x * m).sum(), m.sum()]).double()
-    dist.all_reduce_sum(stats, group=group)
+    ranks.all_reduce_sum(stats, group=group)
     mean = (stats[0] / stats[1].clamp(min=1)).to(x.dtype)
     sq = ((x - mean) ** 2 * m).sum().double().reshape(1)
-    dist.all_reduce_sum(sq, group=group)
+    ranks.all_reduce_sum(sq, group=group)
     var = (sq[0] / stats[1].clamp(min=1)).to(x.dtype)
     return (x - mean) * torch.rsqrt(var + eps) * m
 

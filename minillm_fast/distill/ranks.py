@@ -1,4 +1,4 @@
-"""Data parallelism: torchrun environment, process group (gloo on CPU, nccl on CUDA), small collective helpers.
+"""Ranks: the torchrun environment, process group (gloo on CPU, nccl on CUDA), small collective helpers.
 
 Launch with ``torchrun --nproc_per_node N -m minillm_fast.distill --config run.yaml``; a single process needs no
 launcher. Every helper is a no-op without an initialised process group, so the same code runs on one process.
@@ -8,6 +8,8 @@ chunks of a MiniLLM collection (chunk c goes to rank c mod world_size, and its s
 the rollouts do not depend on the number of ranks), and the pre-training batch. Losses are divided by the token
 count of the whole global batch (all-reduced) and multiplied by the world size, so DDP's gradient average gives
 the gradient of the global batch.
+
+(Named ``ranks`` rather than ``dist`` so that ``dist`` keeps meaning ``torch.distributed`` everywhere in the package.)
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as torch_dist
+import torch.distributed as dist
 
 
 @dataclass
@@ -33,7 +35,7 @@ class DistEnv:
 
 
 def initialized() -> bool:
-    return torch_dist.is_available() and torch_dist.is_initialized()
+    return dist.is_available() and dist.is_initialized()
 
 
 def init(device: str = "auto") -> DistEnv:
@@ -41,14 +43,14 @@ def init(device: str = "auto") -> DistEnv:
     or reuse one already initialised; one process without them."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if initialized():
-        rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+        rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", rank))
         if use_cuda:
             torch.cuda.set_device(local)
-        torch_dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
                                       timeout=datetime.timedelta(minutes=30))
     else:
         rank, world, local = 0, 1, 0
@@ -59,21 +61,21 @@ def init(device: str = "auto") -> DistEnv:
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """In place (returns ``t``)."""
     if initialized():
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 
 def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
     if initialized():
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return t
 
 
 def all_gather_object(obj: Any) -> list:
     if not initialized():
         return [obj]
-    out = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -81,13 +83,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not initialized():
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def barrier() -> None:
     if initialized():
-        torch_dist.barrier()
+        dist.barrier()
 
 
 def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
@@ -101,4 +103,4 @@ def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
 
 def destroy() -> None:
     if initialized():
-        torch_dist.destroy_process_group()
+        dist.destroy_process_group()

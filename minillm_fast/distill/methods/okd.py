@@ -45,65 +45,29 @@ Under DDP the module's gradients are all-reduced here (the teacher is not DDP-wr
 parameters, their optimiser and schedule; the adapted module is saved as ``output_dir/teacher_adapter``
 (``PeftModel.save_pretrained``; load it with ``PeftModel.from_pretrained(teacher, path)``). Validation runs with the
 adapter disabled: ``eval/kd`` and ``eval/rev_kl`` compare the student with the original teacher, as in every method.
+
+The ``okd_*`` keys (defaults, choices, ``parallel=ddp``, a ``peft`` install) are resolved and checked with the rest of
+the config (distill/config.py), so ``--dry-run`` catches their mistakes.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import data as D
-from . import dist, heads, models
-from .config import ConfigError, DistillConfig, _choice, _int, _number
-from .losses import LossOptions, divergence_sum, logprobs
-from .heads import Head
+from .. import checkpoint as ckpt
+from .. import data as D
+from .. import heads, models, ranks
+from ..base import Method, mix_seed, register
+from ..config import ConfigError, require_peft
+from ..heads import Head
+from ..losses import LossOptions, divergence_sum, logprobs
 
-INSTALL = "pip install 'minillm-fast[okd]'"
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 # the attention query and value projections, by module name, most specific first (fused q/k/v layers last)
 QV_PROJECTIONS = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",), ("qkv_proj",))
-
-
-def require_peft():
-    """The ``peft`` module, or a :class:`ConfigError` that gives the install command."""
-    try:
-        import peft
-    except ImportError as e:
-        raise ConfigError(f"method='okd' needs the peft library for the teacher's LoRA module ({e}); install it with "
-                          f"{INSTALL} (or pip install peft)") from None
-    return peft
-
-
-def resolve_config(cfg: DistillConfig) -> None:
-    """Fill the ``okd_*`` defaults of a config being resolved (in place) and check them; peft must be importable."""
-    _choice("okd_divergence", cfg.okd_divergence, DIVERGENCES)
-    _choice("okd_teacher_divergence", cfg.okd_teacher_divergence, DIVERGENCES)
-    _number("okd_alpha", cfg.okd_alpha, low=0.0, high=1.0)
-    _number("okd_jsd_beta", cfg.okd_jsd_beta, low=0.0, high=1.0)
-    _int("okd_lora_rank", cfg.okd_lora_rank, minimum=1)
-    if cfg.okd_lora_alpha is None:
-        cfg.okd_lora_alpha = 2.0 * cfg.okd_lora_rank
-    _number("okd_lora_alpha", cfg.okd_lora_alpha, low=0.0, low_open=True)
-    _number("okd_lora_dropout", cfg.okd_lora_dropout, low=0.0)
-    if cfg.okd_lora_dropout >= 1.0:
-        raise ConfigError(f"okd_lora_dropout={cfg.okd_lora_dropout!r} must be < 1")
-    if cfg.okd_lr is None:
-        cfg.okd_lr = cfg.lr
-    _number("okd_lr", cfg.okd_lr, low=0.0, low_open=True)
-    targets = cfg.okd_target_modules
-    if isinstance(targets, str):
-        targets = [targets]
-    if targets is not None and (not isinstance(targets, (list, tuple)) or not targets
-                                or not all(isinstance(t, str) and t for t in targets)):
-        raise ConfigError(f"okd_target_modules={cfg.okd_target_modules!r} must be null (the attention query and value "
-                          f"projections) or a list of module names, e.g. [q_proj, v_proj]")
-    cfg.okd_target_modules = None if targets is None else list(targets)
-    if getattr(cfg, "parallel", "ddp") != "ddp":
-        raise ConfigError(f"method='okd' runs with parallel=ddp only (the teacher's LoRA module is trained and its "
-                          f"gradients are all-reduced as a replicated module); got parallel={cfg.parallel!r}")
-    require_peft()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -206,42 +170,33 @@ def okd_terms(student_hidden: Tensor, s_head: Head, teacher_hidden: Tensor, t_he
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# the training step
+# the method
 # ----------------------------------------------------------------------------------------------------------------------
-class OnlineTeacher:
-    """The teacher's online module, its optimiser and schedule, and the OKD step, for a :class:`Trainer` (which
-    calls :meth:`step` once per optimiser step, saves :meth:`state_dict` in checkpoints and :meth:`save` at the end).
-    """
+@register("okd")
+class OKD(Method):
+    """The teacher's online module, its optimiser and schedule, and the OKD step. Set up after the student's
+    optimiser (the module's follows the same schedule); checkpoints add its state under ``okd``; the adapted module
+    is saved as ``teacher_adapter/`` at the end; validation runs with the adapter disabled."""
 
-    def __init__(self, trainer):
-        from .trainer import lr_factor, mix_seed
-
-        self.tr = tr = trainer
-        cfg = tr.cfg
+    def setup(self) -> None:
+        tr, cfg = self.trainer, self.cfg
         self.peft_model = add_lora(tr.teacher, rank=cfg.okd_lora_rank, alpha=cfg.okd_lora_alpha,
                                    dropout=cfg.okd_lora_dropout, target_modules=cfg.okd_target_modules,
                                    seed=mix_seed(cfg.seed, 9))
         self.params = lora_parameters(tr.teacher)
         self._dropouts = [m for n, m in tr.teacher.named_modules() if n.rsplit(".", 1)[-1] == "lora_dropout"]
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.okd_lr, weight_decay=cfg.weight_decay,
-                                           betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-        sched = dict(warmup=cfg.warmup_steps, total=tr.total_iters, schedule=cfg.lr_schedule, lr=cfg.okd_lr,
-                     lr_min=min(cfg.lr_min, cfg.okd_lr))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, **sched))
-        # validation compares the student with the teacher the user gave (adapter off), as for every other method,
-        # so that eval/kd and eval/rev_kl mean the same thing in every run (the trainer's evaluate, wrapped here)
-        evaluate = tr.evaluate
-
-        def evaluate_against_the_original_teacher() -> dict:
-            with self.peft_model.disable_adapter():
-                return evaluate()
-
-        tr.evaluate = evaluate_against_the_original_teacher
+        self.optimizer, self.scheduler = tr.make_optimizer(
+            [{"params": list(self.params.values()), "weight_decay": cfg.weight_decay}], cfg.okd_lr)
         n = sum(p.numel() for p in self.params.values())
         targets = sorted(self.peft_model.peft_config["default"].target_modules)
-        tr._log(f"okd: LoRA r={cfg.okd_lora_rank} alpha={cfg.okd_lora_alpha:g} on the teacher's {', '.join(targets)}: "
-                f"{n} trainable parameters; student loss {cfg.okd_divergence}, teacher loss {cfg.okd_alpha:g} x "
-                f"{cfg.okd_teacher_divergence} + {1 - cfg.okd_alpha:g} x CE")
+        tr.log(f"okd: LoRA r={cfg.okd_lora_rank} alpha={cfg.okd_lora_alpha:g} on the teacher's {', '.join(targets)}: "
+               f"{n} trainable parameters; student loss {cfg.okd_divergence}, teacher loss {cfg.okd_alpha:g} x "
+               f"{cfg.okd_teacher_divergence} + {1 - cfg.okd_alpha:g} x CE")
+
+    def evaluation(self):
+        """Validation compares the student with the teacher the user gave (adapter off), as for every other method,
+        so that eval/kd and eval/rev_kl mean the same thing in every run."""
+        return self.peft_model.disable_adapter()
 
     @contextlib.contextmanager
     def _lora_dropout(self):
@@ -256,39 +211,36 @@ class OnlineTeacher:
 
     def teacher_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The adapted teacher's final hidden states, with gradients to the LoRA parameters."""
-        tr = self.tr
-        with self._lora_dropout(), tr._autocast():
+        tr = self.trainer
+        with self._lora_dropout(), tr.autocast():
             return models.hidden_states(tr.teacher, input_ids, attention_mask).to(tr.compute_dtype)
 
     def step(self) -> dict:
         """One optimiser step of both models on one global batch of the training set."""
-        tr, cfg = self.tr, self.tr.cfg
-        idx = D.rank_slice(tr.train_stream.take(cfg.batch_size), tr.rank, tr.world)
-        micro = [D.collate_full([tr.train_set[i] for i in m], tr.pad_id) for m in D.split(idx, cfg.micro_batch_size)]
-        n_tokens = tr._sum_all([sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b in micro)])[0]
+        tr, cfg = self.trainer, self.cfg
+        micro, n_tokens = tr.train_microbatches()
         scale = tr.world / max(n_tokens, 1)
         keys = ("student", "teacher", "teacher_kl", "teacher_ce", "seen")
-        sums = dict.fromkeys(keys, 0.0)
-        for j, batch in enumerate(micro):
-            b = tr._to(batch)
-            with tr._no_sync(j == len(micro) - 1):
-                hs = tr._student_hidden(b["input_ids"], b["attention_mask"])[:, :-1]
-                ht = self.teacher_hidden(b["input_ids"], b["attention_mask"])[:, :-1]
-                terms = okd_terms(hs, tr._student_head(), ht, tr.t_head, b["labels"][:, 1:], tr.opts,
-                                  alpha=cfg.okd_alpha, divergence=cfg.okd_divergence,
-                                  teacher_divergence=cfg.okd_teacher_divergence, beta=cfg.okd_jsd_beta)
-                (terms["objective"] * scale).backward()
-            for k in keys[:-1]:
-                sums[k] += 0.0 if terms[k] is None else float(terms[k].detach())
-            sums["seen"] += int(b["attention_mask"].sum())
+
+        def loss_of(batch):
+            b = tr.to_device(batch)
+            hs = tr.student_hidden(b["input_ids"], b["attention_mask"])[:, :-1]
+            ht = self.teacher_hidden(b["input_ids"], b["attention_mask"])[:, :-1]
+            terms = okd_terms(hs, tr.student_head(), ht, tr.t_head, b["labels"][:, 1:], tr.opts,
+                              alpha=cfg.okd_alpha, divergence=cfg.okd_divergence,
+                              teacher_divergence=cfg.okd_teacher_divergence, beta=cfg.okd_jsd_beta)
+            numbers = {k: 0.0 if terms[k] is None else float(terms[k].detach()) for k in keys[:-1]}
+            numbers["seen"] = int(b["attention_mask"].sum())
+            return terms["objective"] * scale, numbers
+
+        tot = tr.accumulate(micro, loss_of, keys)
         self._all_reduce_grads()
-        grad_norm = tr._optimizer_step()            # the student (runs the after_backward hook first)
+        grad_norm, lr = tr.optimizer_step()            # the student (runs the after_backward hook first)
         teacher_lr = self.scheduler.get_last_lr()[0]
-        teacher_norm = self._optimizer_step()
-        tot = dict(zip(keys, tr._sum_all([sums[k] for k in keys])))
+        teacher_norm = tr.step_optimizer(list(self.params.values()), self.optimizer, self.scheduler)
         n = max(n_tokens, 1)
         out = {"train/loss": tot["student"] / n, "train/teacher_loss": tot["teacher"] / n,
-               "train/grad_norm": grad_norm, "train/teacher_grad_norm": teacher_norm, "train/lr": tr._step_lr,
+               "train/grad_norm": grad_norm, "train/teacher_grad_norm": teacher_norm, "train/lr": lr,
                "train/teacher_lr": teacher_lr, "train/tokens": n_tokens, "_seen": tot["seen"]}
         if cfg.okd_alpha > 0:
             out["train/teacher_kl"] = tot["teacher_kl"] / n
@@ -298,32 +250,25 @@ class OnlineTeacher:
 
     def _all_reduce_grads(self) -> None:
         """DDP averages the student's gradients; average the module's the same way (it is not DDP-wrapped)."""
-        if self.tr.world == 1:
+        world = self.trainer.world
+        if world == 1:
             return
         params = [p for p in self.params.values() if p.grad is not None]
         flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce_sum(flat)
-        flat /= self.tr.world
+        ranks.all_reduce_sum(flat)
+        flat /= world
         offset = 0
         for p in params:
             p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
             offset += p.numel()
 
-    def _optimizer_step(self) -> float:
-        params = list(self.params.values())
-        clip = self.tr.cfg.grad_clip if self.tr.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"lora": {n: p.detach().cpu().clone() for n, p in self.params.items()},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"okd": {"lora": {n: p.detach().cpu().clone() for n, p in self.params.items()},
+                        "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}}
 
-    def load_state_dict(self, state: Optional[dict]) -> None:
+    def load_state_dict(self, checkpoint: dict) -> None:
+        state = checkpoint.get("okd")
         if not state:
             raise ConfigError("the checkpoint holds no OKD state (it was not written by a method=okd run); resume it "
                               "with its own method")
@@ -337,8 +282,7 @@ class OnlineTeacher:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def save(self, path: str) -> None:
-        """``save_pretrained`` of the adapted module (adapter config and weights) into ``path``, atomically."""
-        from . import checkpoint as ckpt
-
-        ckpt.atomic_save_pretrained(self.peft_model, None, path)
+    def save_final(self, run_dir: str) -> None:
+        """``save_pretrained`` of the adapted module (adapter config and weights) into ``run_dir/teacher_adapter``,
+        atomically, beside the student."""
+        ckpt.atomic_save_pretrained(self.peft_model, None, os.path.join(run_dir, "teacher_adapter"))

@@ -269,3 +269,81 @@ def test_data_parallel_factor_follows_trainer_compute_loss():
     assert fused_trl.data_parallel_factor(trainer(4), None) == 1
     assert fused_trl.data_parallel_factor(trainer(4, average=False), torch.tensor(100)) == 1
     assert fused_trl.data_parallel_factor(trainer(1), torch.tensor(100)) == 1
+
+
+def test_distillation_trainer_compute_loss_equals_trl(tmp_path):
+    """TRL's ``DistillationTrainer.compute_loss`` (its normalisation by the generated completions' token count over
+    the ranks, its entropy metric) around our ``_compute_loss``: the loss, its gradients and the logged entropy agree
+    with TRL's chunked loss (which runs its tiles in float32, hence the tolerance), on left-padded prompts and
+    right-padded completions; the fused call makes no logits."""
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    student, teacher = _llama(16, 21, spread=40.0), _llama(24, 22, spread=40.0)
+    tok = _tokenizer()
+    tok.padding_side = "left"
+    args = DistillationConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=2,
+                              beta=0.3, temperature=2.0, max_completion_length=4, bf16=False)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
+                                  train_dataset=Dataset.from_list([{"prompt": "w3 w4 w5"}, {"prompt": "w6 w7"}]))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, V, (2, 4), generator=g)
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[1, :2] = 0
+    completion = torch.randint(3, V, (2, 5), generator=g)
+    completion_mask = torch.ones_like(completion)
+    completion_mask[0, 3:] = 0
+    inputs = dict(prompt_ids=prompt.masked_fill(prompt_mask == 0, 0), prompt_mask=prompt_mask,
+                  completion_ids=completion.masked_fill(completion_mask == 0, 0), completion_mask=completion_mask,
+                  num_items_in_batch=torch.tensor(13))
+    trainer.model.train()
+    params = list(student.parameters())
+    want = trainer.compute_loss(trainer.model, dict(inputs))
+    g_want = _grads(want, params)
+    ent_want = trainer._metrics["train"]["entropy"][-1]
+
+    fused_trl.use_fused_losses(trainer)
+    _forbid_heads(student, teacher)
+    with _NoVocabTensors(max_rows=4) as guard:
+        got = trainer.compute_loss(trainer.model, dict(inputs))
+    g_got = _grads(got, params)
+    assert guard.fused_calls > 0
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-6, atol=0)     # TRL returns float32
+    assert trainer._metrics["train"]["entropy"][-1] == pytest.approx(ent_want, rel=1e-6)
+    for (n, _), a, b in zip(student.named_parameters(), g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()), msg=n)
+
+
+def test_minillm_compute_loss_equals_trl(tmp_path):
+    """TRL <= 1.14's ``MiniLLMTrainer.compute_loss`` (reverse-KL advantage with gamma and length normalisation, GRPO's
+    loss, single-step reverse KL, kd_temperature 2) with and without the fused loss, on completions the student
+    generated (one row's tail masked as padding): same loss and gradients in float64, and the teacher's head is never
+    called. (MiniLLMTrainer was removed in TRL 1.15: skipped there.)"""
+    pytest.importorskip("trl.experimental.minillm")
+    from datasets import Dataset
+    from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
+
+    student, teacher = _llama(16, 31, spread=10.0), _llama(24, 32, spread=10.0)
+    tok = _tokenizer()
+    tok.padding_side = "left"
+    args = MiniLLMConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, per_device_train_batch_size=4,
+                         num_generations=2, max_completion_length=5, bf16=False, gamma=0.9, kd_temperature=2.0,
+                         seed=5)
+    trainer = MiniLLMTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok,
+                             train_dataset=Dataset.from_list([{"prompt": "w3 w4 w5"}, {"prompt": "w6 w7"}] * 4))
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1      # set by the training loop
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    inputs["completion_mask"][0, 3:] = 0
+    inputs["completion_ids"][0, 3:] = tok.pad_token_id
+    params = list(student.parameters())
+    want = trainer.compute_loss(trainer.model, dict(inputs))
+    g_want = _grads(want, params)
+
+    fused_trl.use_fused_losses(trainer)
+    _forbid_heads(teacher)
+    got = trainer.compute_loss(trainer.model, dict(inputs))
+    g_got = _grads(got, params)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    for (n, _), a, b in zip(student.named_parameters(), g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10 * max(1.0, b.abs().max().item()), msg=n)

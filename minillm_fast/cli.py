@@ -4,6 +4,7 @@
   distill   SFT / KD / SeqKD / MiniLLM distillation from a YAML config (minillm_fast/distill/)
   evaluate  sampled responses, Rouge-L and exact match over seeds
   teacher-cache  a teacher's top-k log-probs over the training responses, for offline KD (teacher_cache: in a config)
+  cbd       chain-based distillation: `cbd chain` distils a chain of anchors, `cbd init` a student from it (docs/cbd.md)
 
 The microbenchmarks are not part of the package: `python -m bench` from a source checkout (bench/README.md).
 Each subcommand has its own ``--help``. ``--debug`` (anywhere on the line) shows the traceback of an error that is
@@ -45,7 +46,13 @@ def _teacher_cache(argv: list) -> int:
     return cache_main(argv)
 
 
-COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate, "teacher-cache": _teacher_cache}
+def _cbd(argv: list) -> int:
+    from .distill.cbd.cli import main as cbd_main
+
+    return cbd_main(argv)
+
+
+COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate, "teacher-cache": _teacher_cache, "cbd": _cbd}
 
 
 def _user_error(e: BaseException) -> bool:

@@ -7,9 +7,10 @@ The default ``a`` is the normalised size difference in parameter counts,
     a = (P_big - P_student) / (P_big - P_small)
 
 (``P``: the model's distinct parameters, a tied head counted once, embeddings included), the same ``a`` for every
-layer and tensor. The paper gives only "α derived from normalised size difference ... applied uniformly across
-layers" (the authors' reply to the reviewers, ../shared/papers/cbd-review.md); parameter counts are our reading of
-"size". ``a = 0`` gives the mapped big anchor, ``a = 1`` the mapped small one, both exactly.
+layer and tensor. What we have of the paper gives only "α derived from normalized size difference ... applied
+uniformly across layers", in the reply to the reviewers of its machine review (../shared/papers/cbd-review.md, a
+reply labelled simulated there, not a quotation of the authors); parameter counts are our reading of "size".
+``a = 0`` gives the mapped big anchor, ``a = 1`` the mapped small one, both exactly.
 """
 from __future__ import annotations
 

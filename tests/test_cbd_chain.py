@@ -20,7 +20,7 @@ import yaml
 
 from distill_utils import workspace
 from minillm_fast.cli import main as cli_main
-from minillm_fast.distill.cbd import bridge, chain as chain_mod, interpolate as interp
+from minillm_fast.distill.cbd import bridge, interpolate as interp
 from minillm_fast.distill.cbd.chain import ChainError, run_chain
 from minillm_fast.distill.cbd.init import init_student
 
@@ -313,7 +313,3 @@ def test_changed_config_for_a_finished_chain_is_refused(built, tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ChainError, match="another config"):
         run_chain(str(path), log=lambda m: None, distill_fn=Recorder())
-
-
-def test_chain_module_has_no_stray_state():
-    assert chain_mod.RESERVED and "student" in chain_mod.RESERVED

@@ -28,7 +28,7 @@ have not run on a GPU yet, so ``native`` does not route CUDA tensors to them: th
 
 Hops from a public function to the code that does the arithmetic (each arrow a call), per backend:
 
-    fused_divergence (chunked)  -> custom op -> chunked.run -> rows function (torch: PyTorch; native: C++ pybind;
+    fused_divergence (chunked)  -> custom op -> chunked.run -> rows function (torch: PyTorch; native: C++ torch.library op;
                                                                                triton: launcher -> row kernel)
     fused_divergence (tiled)    -> custom op -> backends.triton.fused_divergence_tiled -> launcher -> kernels
     token_logprobs              -> custom op -> backend function (torch: PyTorch; native: chunk loop -> C++;

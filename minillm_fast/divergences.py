@@ -147,3 +147,42 @@ def terms(log_q: torch.Tensor, log_p: torch.Tensor, div: Divergence):
         a_q_over_m = torch.exp(d + _log(a))
         return q * d, q * (d + 1 - a_q_over_m), -(1 - a) * cross
     raise AssertionError(f"unknown divergence kind {div.kind}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# divergences over a stored top k (minillm_fast/ops/sparse_divergence.py)
+# ----------------------------------------------------------------------------------------------------------------------
+TAILS = ("bucket", "renorm", "ignore")
+TAIL_FLOOR = 1e-20  # the smallest tail mass of either side (bucket)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - e^x)`` for ``x <= 0``, accurate at both ends (Maechler's switch at -log 2)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _masked_lse(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the valid entries; the finite LOG_ZERO fill keeps a row with none finite, and its gradient too
+    (an all -inf row would give NaN, which a masked-out row would still pass on: 0 x NaN)."""
+    return torch.logsumexp(torch.where(valid, x, torch.full_like(x, LOG_ZERO)), -1)
+
+
+def outcome_divergence(lq: torch.Tensor, lp: torch.Tensor, valid: torch.Tensor, div: Divergence,
+                       tail: str) -> torch.Tensor:
+    """The divergence per row between two distributions over a few outcomes (minillm_fast.sparse_divergence): the
+    valid ids of ``lq, lp [N, K]`` (student, teacher log-probs there) and, with ``tail="bucket"``, one more outcome
+    holding the rest of each side's mass (floored at TAIL_FLOOR); ``renorm`` renormalises both over the ids;
+    ``ignore`` sums the per-id terms only (ops/sparse_divergence.py explains the three)."""
+    zero = torch.zeros_like(lq)
+    lq, lp = torch.where(valid, lq, zero), torch.where(valid, lp, zero)  # finite everywhere: no NaN in a gradient
+    if tail == "renorm":
+        lq = lq - _masked_lse(lq, valid)[:, None]
+        lp = lp - _masked_lse(lp, valid)[:, None]
+    per = torch.where(valid, phi(lq, lp, div), zero).sum(-1)
+    if tail == "bucket":
+        floor = math.log(TAIL_FLOOR)
+        lq_rest = _log1mexp(_masked_lse(lq, valid)).clamp(min=floor)
+        lp_rest = _log1mexp(_masked_lse(lp, valid)).clamp(min=floor)
+        per = per + phi(lq_rest, lp_rest, div)
+    return per

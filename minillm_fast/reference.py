@@ -150,8 +150,6 @@ def sparse_divergence(student_hidden, student_weight, teacher_ids, teacher_logpr
     """Reference of :func:`minillm_fast.sparse_divergence` (same arguments, no ``backend``): the student's full
     log-softmax, its log-probs at the valid teacher ids (ids >= 0, each counted once) and, for ``tail="bucket"``, each
     side's tail ``1 - sum_k`` of its top-k mass, floored at TAIL_FLOOR."""
-    from .ops.sparse_divergence import TAIL_FLOOR
-
     div = divergences.resolve(divergence, beta)
     lq_full = torch.log_softmax(logits(student_hidden, student_weight, student_bias, vocab_size=vocab_size,
                                        softcap=softcap, temperature=temperature, logit_scale=logit_scale), -1)
@@ -171,8 +169,8 @@ def sparse_divergence(student_hidden, student_weight, teacher_ids, teacher_logpr
         # Each side's tail is 1 - its top-k mass, as a materialised implementation forms it from the gathered
         # log-probs: the plain way, whose error in the inputs' dtype the fused op is measured against (summing the
         # rest of the vocabulary instead would be more accurate where the top k holds nearly all the mass).
-        q_rest = (1 - torch.where(valid, lq.exp(), zero).sum(-1)).clamp(min=TAIL_FLOOR)
-        p_rest = (1 - torch.where(valid, lp.exp(), zero).sum(-1)).clamp(min=TAIL_FLOOR)
+        q_rest = (1 - torch.where(valid, lq.exp(), zero).sum(-1)).clamp(min=divergences.TAIL_FLOOR)
+        p_rest = (1 - torch.where(valid, lp.exp(), zero).sum(-1)).clamp(min=divergences.TAIL_FLOOR)
         per_token = per_token + divergences.phi(torch.log(q_rest), torch.log(p_rest), div)
     return _weighted(per_token, labels, ignore_index, mask, token_weights, reduction, keep=valid.any(-1))
 

@@ -14,7 +14,7 @@ import torch
 
 from helpers import DEVICE, max_err, randn, rounding_slack
 from minillm_fast import dispatch, fused_divergence, reference, sparse_divergence, token_topk
-from minillm_fast.ops.sparse_divergence import TAILS
+from minillm_fast.divergences import TAILS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -33,7 +33,6 @@ be recovered from an untempered one: store a tempered teacher if you want one).
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -45,9 +44,7 @@ from ..chunked import chunk_rows, out_dtype, row_chunks
 from ..scaling import Scaling, checked
 from .fused_divergence import row_scale
 
-TAILS = ("bucket", "renorm", "ignore")
 SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-TAIL_FLOOR = 1e-20  # the smallest tail mass of either side (bucket); see the module docstring
 # Stored log-probs may be fp16: a top k whose masses sum to 1 + this is still accepted (rounding), not more.
 MASS_SLACK = 1e-2
 
@@ -159,35 +156,6 @@ torch.library.register_autograd("minillm_fast::gathered_logits", _gathered_backw
 # ----------------------------------------------------------------------------------------------------------------------
 # sparse divergence
 # ----------------------------------------------------------------------------------------------------------------------
-def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 - e^x)`` for ``x <= 0``, accurate at both ends (Maechler's switch at -log 2)."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def _masked_lse(x: Tensor, valid: Tensor) -> Tensor:
-    """logsumexp over the valid entries; the finite LOG_ZERO fill keeps a row with none finite, and its gradient too
-    (an all -inf row would give NaN, which a masked-out row would still pass on: 0 x NaN)."""
-    return torch.logsumexp(torch.where(valid, x, torch.full_like(x, divergences.LOG_ZERO)), -1)
-
-
-def outcome_divergence(lq: Tensor, lp: Tensor, valid: Tensor, div: divergences.Divergence, tail: str) -> Tensor:
-    """The divergence per row between the two distributions over the valid ids of ``lq, lp [N, K]`` (student,
-    teacher log-probs) and, with ``tail="bucket"``, the rest of the mass; see the module docstring."""
-    zero = torch.zeros_like(lq)
-    lq, lp = torch.where(valid, lq, zero), torch.where(valid, lp, zero)  # finite everywhere: no NaN in a gradient
-    if tail == "renorm":
-        lq = lq - _masked_lse(lq, valid)[:, None]
-        lp = lp - _masked_lse(lp, valid)[:, None]
-    per = torch.where(valid, divergences.phi(lq, lp, div), zero).sum(-1)
-    if tail == "bucket":
-        floor = math.log(TAIL_FLOOR)
-        lq_rest = _log1mexp(_masked_lse(lq, valid)).clamp(min=floor)
-        lp_rest = _log1mexp(_masked_lse(lp, valid)).clamp(min=floor)
-        per = per + divergences.phi(lq_rest, lp_rest, div)
-    return per
-
-
 def _check_teacher(ids, logprobs, lead, device, vocab: int) -> tuple[Tensor, Tensor]:
     """The teacher's top k as ``[N, K]`` ids and log-probs, checked; raises naming what is wrong."""
     for name, t in (("teacher_ids", ids), ("teacher_logprobs", logprobs)):
@@ -271,8 +239,8 @@ def sparse_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_id
         raise ValueError(f"divergence={divergence!r} is not supported by sparse_divergence; expected one of "
                          f"{SPARSE_DIVERGENCES}")
     div = divergences.resolve(divergence, beta)
-    if tail not in TAILS:
-        raise ValueError(f"tail={tail!r} is not supported; expected one of {TAILS}")
+    if tail not in divergences.TAILS:
+        raise ValueError(f"tail={tail!r} is not supported; expected one of {divergences.TAILS}")
     reduction = check_reduction(reduction)
     (h, w, b), vocab, lead = check_model(student_hidden, student_weight, student_bias, vocab_size)
     scaling = checked(temperature, softcap, logit_scale)
@@ -293,7 +261,7 @@ def sparse_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_id
     m, log_l = torch.ops.minillm_fast.log_normalizer(h, w, b, scaling.inv_temp, scaling.softcap, vocab, name, chunk)
     z = torch.ops.minillm_fast.gathered_logits(h, w, b, safe_ids, max(1, chunk * vocab // (k * h.shape[1] + 1)))
     lq = (scaling.apply(z)[0] - m[:, None]) - log_l[:, None]
-    per_row = outcome_divergence(lq, lp.to(lq.dtype), valid, div, tail)
+    per_row = divergences.outcome_divergence(lq, lp.to(lq.dtype), valid, div, tail)
 
     scale = row_scale(lead, h.device, labels=labels, ignore_index=ignore_index, mask=mask,
                       token_weights=token_weights, reduction="none", dtype=per_row.dtype)

@@ -156,10 +156,15 @@ TAILS = ("bucket", "renorm", "ignore")
 TAIL_FLOOR = 1e-20  # the smallest tail mass of either side (bucket)
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - e^x)`` for ``x <= 0``, accurate at both ends (Maechler's switch at -log 2)."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+def _log_rest(log_mass: torch.Tensor) -> torch.Tensor:
+    """``log(max(1 - e^x, TAIL_FLOOR))`` for a log-mass ``x <= 0``, accurate at both ends (Maechler's switch at
+    -log 2). Where the rest is below the floor the value is the floor's and the gradient 0: the log is taken at a
+    stand-in there, since ``log(1 - e^0)`` has an infinite derivative and 0 x inf would be NaN."""
+    x = log_mass.clamp(max=0.0)
+    above = x < -TAIL_FLOOR                      # 1 - e^x > ~TAIL_FLOOR
+    safe = torch.where(above, x, torch.full_like(x, -1.0))
+    rest = torch.where(safe > -math.log(2.0), torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
+    return torch.where(above, rest.clamp(min=math.log(TAIL_FLOOR)), torch.full_like(x, math.log(TAIL_FLOOR)))
 
 
 def _masked_lse(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -181,8 +186,6 @@ def outcome_divergence(lq: torch.Tensor, lp: torch.Tensor, valid: torch.Tensor, 
         lp = lp - _masked_lse(lp, valid)[:, None]
     per = torch.where(valid, phi(lq, lp, div), zero).sum(-1)
     if tail == "bucket":
-        floor = math.log(TAIL_FLOOR)
-        lq_rest = _log1mexp(_masked_lse(lq, valid)).clamp(min=floor)
-        lp_rest = _log1mexp(_masked_lse(lp, valid)).clamp(min=floor)
+        lq_rest, lp_rest = _log_rest(_masked_lse(lq, valid)), _log_rest(_masked_lse(lp, valid))
         per = per + phi(lq_rest, lp_rest, div)
     return per

@@ -128,3 +128,84 @@ def test_cli_builds_and_reports_mistakes(tmp_path, capsys):
     assert cli.main(["teacher-cache", "--teacher", str(tmp_path / "none"), "--data", p["train_data"], "--out",
                      out]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training from the cache (teacher_cache: in the config; distill/methods/lm.py)
+# ----------------------------------------------------------------------------------------------------------------------
+def _train(cfg, monkeypatch=None):
+    from distill_utils import read_metrics
+    from minillm_fast.distill.trainer import Trainer
+
+    if monkeypatch is not None:   # a run from the cache must never load the teacher
+        real = models.load_model
+
+        def no_teacher(path, *a, what="model", **k):
+            assert what != "teacher", "the teacher was loaded"
+            return real(path, *a, what=what, **k)
+
+        monkeypatch.setattr(models, "load_model", no_teacher)
+    Trainer(cfg).train()
+    return [r for r in read_metrics(cfg.output_dir) if "train/kd" in r]
+
+
+def test_kd_from_a_full_cache_equals_kd_from_the_live_teacher(tmp_path, monkeypatch):
+    """With every id cached (k = V, fp32 log-probs) the bucket tail is empty and the sparse KL is the full KL: the
+    cached run's losses equal the live-teacher run's, step by step, to fp32 round-off; and its KD term falls."""
+    from distill_utils import config
+
+    p = workspace("gpt2")
+    vocab = len(models.load_tokenizer(p["teacher"]))
+    out = str(tmp_path / "full")
+    teacher_cache.build(p["teacher"], p["train_data"], out, top_k=vocab, dtype="fp32", batch_size=8,
+                        backend="torch", progress=False, **LIMITS)
+    common = dict(method="kd", valid_data=None, total_iters=4, kd_ratio=0.7)
+    live = _train(config(tmp_path / "live", **common))
+    cached = _train(config(tmp_path / "cached", teacher=None, teacher_cache=out, **common), monkeypatch)
+    assert len(live) == len(cached) == 4
+    for a, b in zip(live, cached):
+        for key in ("train/kd", "train/ce", "train/loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * (1 + abs(a[key])), (key, a[key], b[key])
+    assert cached[-1]["train/kd"] < 0.9 * cached[0]["train/kd"]
+
+
+@pytest.mark.parametrize("method", ["kd", "seqkd"])
+def test_kd_from_a_top_k_cache_trains(built, tmp_path, monkeypatch, method):
+    """k=8 of the teacher, fp16: the run never loads the teacher and its KD term (bucket tail) falls. seqkd reads
+    its teacher responses from seqkd_data, the file the cache was made over (here the training set itself)."""
+    from distill_utils import config
+
+    p, out, _ = built
+    extra = dict(seqkd_data=p["train_data"]) if method == "seqkd" else {}
+    rows = _train(config(tmp_path, method=method, teacher=None, teacher_cache=out, valid_data=None, total_iters=4,
+                         **extra), monkeypatch)
+    assert all(r["train/kd"] >= 0 for r in rows) and rows[-1]["train/kd"] < 0.9 * rows[0]["train/kd"]
+
+
+def test_a_cache_that_does_not_fit_the_run_is_refused(built, tmp_path):
+    """Before any step: a method that needs the live teacher, seqkd without its data, other lengths, an unfinished
+    cache, a cache of other data."""
+    from distill_utils import config
+    from minillm_fast.distill.config import ConfigError
+    from minillm_fast.distill.trainer import Trainer
+
+    p, out, _ = built
+    with pytest.raises(ConfigError, match="teacher_cache=.* works with method kd .* not method='minillm'"):
+        config(tmp_path, method="minillm", teacher_cache=out).resolve()
+    with pytest.raises(ConfigError, match="needs seqkd_objective=kd and seqkd_data"):
+        config(tmp_path, method="seqkd", teacher=None, teacher_cache=out).resolve()
+    with pytest.raises(ConfigError, match="made with max_length=80, this run has max_length=96"):
+        config(tmp_path, method="kd", teacher=None, teacher_cache=out, max_length=96).resolve()
+    with pytest.raises(ConfigError, match="teacher_cache_tail='all' is not supported"):
+        config(tmp_path, method="kd", teacher=None, teacher_cache=out, teacher_cache_tail="all").resolve()
+    with pytest.raises(ConfigError, match="no teacher cache at"):
+        config(tmp_path, method="kd", teacher=None, teacher_cache=str(tmp_path)).resolve()
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(out, unfinished)
+    manifest = json.load(open(unfinished / "manifest.json"))
+    json.dump({**manifest, "complete": False}, open(unfinished / "manifest.json", "w"))
+    with pytest.raises(ConfigError, match="is incomplete"):
+        config(tmp_path, method="kd", teacher=None, teacher_cache=str(unfinished)).resolve()
+    # made over the full training set, used with its first 10 examples
+    with pytest.raises(ConfigError, match=r"holds \d+ examples but the run has 10"):
+        Trainer(config(tmp_path, method="kd", teacher=None, teacher_cache=out, max_train_samples=10))

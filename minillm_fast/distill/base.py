@@ -297,11 +297,12 @@ class Trainer:
         return t.tolist()
 
     def train_microbatches(self) -> tuple[list[dict], float]:
-        """This rank's share of the next global training batch as collated micro-batches (on the CPU), and the
-        number of response tokens of the whole global batch (all ranks): the denominator of every loss."""
+        """This rank's share of the next global training batch as collated micro-batches (on the CPU; ``index``
+        ``[B]`` holds each row's position in the training set), and the number of response tokens of the whole
+        global batch (all ranks): the denominator of every loss."""
         cfg = self.cfg
         idx = D.rank_slice(self.train_stream.take(cfg.batch_size), self.rank, self.world)
-        micro = [D.collate_full([self.train_set[i] for i in m], self.pad_id)
+        micro = [{**D.collate_full([self.train_set[i] for i in m], self.pad_id), "index": torch.tensor(m)}
                  for m in D.split(idx, cfg.micro_batch_size)]
         n_tokens = self.sum_all([sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b in micro)])[0]
         return micro, n_tokens

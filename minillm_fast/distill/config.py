@@ -36,6 +36,7 @@ BACKENDS = ("auto", "triton", "native", "torch")
 PARALLEL = ("ddp", "fsdp")
 OKD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 OKD_INSTALL = "pip install 'minillm-fast[okd]'"
+CACHE_TAILS = ("bucket", "renorm", "ignore")
 
 # Per-method defaults of the keys left null (reference scripts: gpt2/minillm/train_*.sh for minillm,
 # gpt2/{sft,kd,seqkd}/*_base.sh for the baselines; the paper's appendix B.1).
@@ -107,6 +108,10 @@ class DistillConfig:
     kd_ratio: float = _field(0.5, "loss = (1 - kd_ratio) CE + kd_ratio KL(teacher || student); also MiniLLM's PT term")
     seqkd_data: Optional[str] = _field(None, "teacher responses (JSONL) to reuse; null = generate them first")
     seqkd_objective: str = _field("kd", "kd | sft: objective on the teacher-generated responses")
+    teacher_cache: Optional[str] = _field(None, "a minillm-fast teacher-cache folder: kd (and seqkd's kd objective, "
+                                                "with seqkd_data) distil from its top k, never loading the teacher")
+    teacher_cache_tail: str = _field("bucket", "bucket | renorm | ignore: the rest of the mass outside the cached "
+                                               "top k (sparse_divergence's tail)")
     # --- MiniLLM -------------------------------------------------------------------------------------------------
     num_rollouts: int = _field(256, "global rollouts per collection")
     rollout_batch_size: int = _field(16, "prompts per generation call (the reference's chunk-size)")
@@ -263,6 +268,9 @@ class DistillConfig:
         _choice("advantage", self.advantage, ADVANTAGES)
         _choice("select_metric", self.select_metric, SELECT_METRICS)
         _choice("seqkd_objective", self.seqkd_objective, SEQKD_OBJECTIVES)
+        _choice("teacher_cache_tail", self.teacher_cache_tail, CACHE_TAILS)
+        if self.teacher_cache is not None:
+            self._check_teacher_cache(check_paths)
         for key in ("seed",):
             _int(key, getattr(self, key), minimum=0)
         for key in ("max_length", "max_prompt_length", "batch_size", "epochs", "num_rollouts", "rollout_batch_size",
@@ -351,10 +359,47 @@ class DistillConfig:
                                   f"{earlier[-1][0]}); pass resume=true to continue it, overwrite=true to start "
                                   f"afresh there, or another output_dir")
 
+    def _check_teacher_cache(self, check_paths: bool) -> None:
+        """``teacher_cache``: a method that distils from it, and (with ``check_paths``) a finished cache there whose
+        lengths and temperature are those of this run. The tokenizer, data and template are compared when the
+        trainer opens it (distill/teacher_cache.py)."""
+        if self.method == "seqkd" and (self.seqkd_objective != "kd" or not self.seqkd_data):
+            raise ConfigError(f"teacher_cache={self.teacher_cache!r} with method='seqkd' needs seqkd_objective=kd and "
+                              f"seqkd_data (the teacher responses the cache was made over: generating them needs "
+                              f"the live teacher); got seqkd_objective={self.seqkd_objective!r}, "
+                              f"seqkd_data={self.seqkd_data!r}")
+        if self.method not in ("kd", "seqkd"):
+            raise ConfigError(f"teacher_cache={self.teacher_cache!r} works with method kd (or seqkd with its kd "
+                              f"objective), not method={self.method!r} ({self.method} needs the live teacher's full "
+                              f"distribution); drop teacher_cache or change the method")
+        if not check_paths:
+            return
+        from .teacher_cache import CacheError, read_manifest
+
+        try:
+            manifest = read_manifest(self.teacher_cache)
+        except CacheError as e:
+            raise ConfigError(f"teacher_cache: {e}") from None
+        if not manifest.get("complete"):
+            raise ConfigError(f"teacher_cache={self.teacher_cache!r} is incomplete: run minillm-fast teacher-cache "
+                              f"again with the same arguments to finish it")
+        for key in ("max_length", "max_prompt_length"):
+            if manifest.get(key) != getattr(self, key):
+                raise ConfigError(f"teacher_cache={self.teacher_cache!r} was made with {key}={manifest.get(key)}, "
+                                  f"this run has {key}={getattr(self, key)}; use the same value or rebuild the cache "
+                                  f"with --{key.replace('_', '-')} {getattr(self, key)}")
+        if manifest.get("temperature") != 1.0:
+            raise ConfigError(f"teacher_cache={self.teacher_cache!r} holds a teacher tempered by "
+                              f"T={manifest.get('temperature')}, but kd distils the untempered teacher; rebuild it "
+                              f"with --temperature 1")
+
 
 def needs_teacher(cfg: DistillConfig) -> bool:
     """Whether training itself reads the teacher: kd, minillm and okd always; seqkd to generate its data (no
-    ``seqkd_data``) or for its kd objective. (Any method also loads a given teacher to score validation.)"""
+    ``seqkd_data``) or for its kd objective; kd and seqkd not with a ``teacher_cache`` (it stands in for the teacher).
+    (Any method also loads a given teacher to score validation.)"""
+    if cfg.teacher_cache is not None and cfg.method in ("kd", "seqkd"):
+        return False
     return cfg.method in ("kd", "minillm", "okd") or (
         cfg.method == "seqkd" and not (cfg.seqkd_data and cfg.seqkd_objective == "sft"))
 

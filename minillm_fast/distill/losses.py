@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import reference
 from ..ops.fused_divergence import fused_divergence
+from ..ops.sparse_divergence import sparse_divergence
 from ..ops.token_logprobs import token_logprobs
 from .data import IGNORE_INDEX
 from .heads import Head
@@ -58,10 +59,26 @@ def divergence_sum(student_hidden: Tensor, s_head: Head, teacher_hidden: Tensor,
     return fused_divergence(student_hidden, s_head.weight, teacher_hidden, t_head.weight, backend=opts.backend, **kw)
 
 
+def cached_kd_sum(student_hidden: Tensor, s_head: Head, teacher_ids: Tensor, teacher_logprobs: Tensor,
+                  labels: Tensor, opts: LossOptions, *, tail: str) -> Tensor:
+    """``sum KL(p || q)`` over the labelled positions, ``p`` a stored teacher top k (``teacher_ids,
+    teacher_logprobs [B, T, K]``, id -1 = empty; distill/teacher_cache.py) and ``tail`` how the rest of its mass
+    counts (:func:`minillm_fast.sparse_divergence`)."""
+    kw = dict(divergence="forward_kl", tail=tail, labels=labels, ignore_index=IGNORE_INDEX, reduction="sum",
+              vocab_size=opts.vocab_size, student_bias=s_head.bias, softcap=s_head.softcap,
+              logit_scale=s_head.logit_scale)
+    if opts.naive:
+        return reference.sparse_divergence(student_hidden, s_head.weight, teacher_ids, teacher_logprobs, **kw)
+    return sparse_divergence(student_hidden, s_head.weight, teacher_ids, teacher_logprobs, backend=opts.backend, **kw)
+
+
 def lm_terms(student_hidden: Tensor, s_head: Head, labels: Tensor, opts: LossOptions, *,
-             teacher_hidden: Optional[Tensor] = None, t_head: Optional[Head] = None) -> dict:
+             teacher_hidden: Optional[Tensor] = None, t_head: Optional[Head] = None,
+             teacher_topk: Optional[tuple[Tensor, Tensor]] = None, tail: str = "bucket") -> dict:
     """Sums over the positions whose label is not IGNORE_INDEX (hidden states already aligned with their labels:
-    ``hidden[:, :-1]`` with ``labels[:, 1:]``).
+    ``hidden[:, :-1]`` with ``labels[:, 1:]``). The teacher is either live (``teacher_hidden [B, T, Ht]`` and
+    ``t_head``: the full-vocabulary KL) or a stored top k (``teacher_topk = (ids, logprobs)``, each ``[B, T, K]``:
+    :func:`cached_kd_sum` with ``tail``).
 
     Returns ``{"ce": sum -log q(y), "kd": sum KL(p || q) or None, "tokens": count}`` (tensors; ``tokens`` int64).
     """
@@ -70,6 +87,8 @@ def lm_terms(student_hidden: Tensor, s_head: Head, labels: Tensor, opts: LossOpt
     if teacher_hidden is not None:
         out["kd"] = divergence_sum(student_hidden, s_head, teacher_hidden, t_head, opts, divergence="forward_kl",
                                    labels=labels)
+    elif teacher_topk is not None:
+        out["kd"] = cached_kd_sum(student_hidden, s_head, *teacher_topk, labels, opts, tail=tail)
     return out
 
 

@@ -19,9 +19,12 @@ class SeqKD(LM):
     def kd_ratio(self) -> float:
         return 0.0 if self.cfg.seqkd_objective == "sft" else self.cfg.kd_ratio
 
-    def load_train_set(self) -> list:
+    def data_path(self) -> str:
+        return self.cfg.seqkd_data or os.path.join(self.trainer.run_dir, "seqkd_train.jsonl")
+
+    def read_examples(self) -> list:
         tr, cfg = self.trainer, self.cfg
-        path = cfg.seqkd_data or os.path.join(tr.run_dir, "seqkd_train.jsonl")
+        path = self.data_path()
         if not os.path.exists(path):
             prompts = tr.load_examples(cfg.train_data, max_samples=cfg.max_train_samples, require_response=False)
             chunks = D.split(list(range(len(prompts))), cfg.rollout_batch_size)

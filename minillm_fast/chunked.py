@@ -72,12 +72,24 @@ def out_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.float64 if h.dtype == torch.float64 else torch.float32
 
 
-def draw_outputs(h: torch.Tensor, with_teacher: bool) -> tuple:
-    """``tokens [N]`` int64, ``log q(y) [N]`` and ``log p(y) [N]`` (None without a teacher), to be filled by a
-    sampler's chunks."""
-    n, f = h.shape[0], out_dtype(h)
-    return (torch.empty(n, dtype=torch.int64, device=h.device), torch.empty(n, dtype=f, device=h.device),
-            torch.empty(n, dtype=f, device=h.device) if with_teacher else None)
+class Draws:
+    """A sampler's outputs, filled chunk by chunk (:meth:`put`): ``tokens [N]`` int64, ``log q(y) [N]`` and
+    ``log p(y) [N]`` (None without a teacher) in the output dtype of ``h``."""
+
+    def __init__(self, h: torch.Tensor, with_teacher: bool):
+        n, f = h.shape[0], out_dtype(h)
+        self.tokens = torch.empty(n, dtype=torch.int64, device=h.device)
+        self.lq = torch.empty(n, dtype=f, device=h.device)
+        self.lp = torch.empty(n, dtype=f, device=h.device) if with_teacher else None
+
+    def put(self, rows: slice, tokens: torch.Tensor, lq: torch.Tensor, lp: Optional[torch.Tensor]) -> None:
+        self.tokens[rows] = tokens
+        self.lq[rows] = lq
+        if self.lp is not None:
+            self.lp[rows] = lp
+
+    def result(self) -> tuple:
+        return self.tokens, self.lq, self.lp
 
 
 class Needs(NamedTuple):

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import chunked, native
-from ..chunked import ChunkLogits, HeadGrads, Rows, draw_outputs, out_dtype, row_chunks
+from ..chunked import ChunkLogits, Draws, HeadGrads, Rows, out_dtype, row_chunks
 
 
 def divergence_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg, grad_s: bool,
@@ -99,18 +99,14 @@ def mixture_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, voc
     rows_kernels = native.ops()
     n, f = hs.shape[0], out_dtype(hs)
     has_teacher = ht is not None
-    tokens, lq_y, lp_y = draw_outputs(hs, has_teacher)
+    draws = Draws(hs, has_teacher)
     rows_max = min(chunk_size, n)
     zs = ChunkLogits(ws, bs, vocab_size, rows_max, f)
     zt = ChunkLogits(wt, bt, vocab_size, rows_max, f) if has_teacher else None
     for rows in row_chunks(n, chunk_size):
-        tok, lq, lp = rows_kernels.mixture_sample_rows(zs(hs[rows]), zt(ht[rows]) if has_teacher else None, seed,
-                                                       rows.start, alpha, *_scalings(student, teacher))
-        tokens[rows] = tok
-        lq_y[rows] = lq
-        if has_teacher:
-            lp_y[rows] = lp
-    return tokens, lq_y, lp_y
+        draws.put(rows, *rows_kernels.mixture_sample_rows(zs(hs[rows]), zt(ht[rows]) if has_teacher else None, seed,
+                                                          rows.start, alpha, *_scalings(student, teacher)))
+    return draws.result()
 
 
 OPS = {

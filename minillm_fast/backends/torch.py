@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import chunked, divergences
-from ..chunked import DivergenceConfig, HeadGrads, Rows, draw_outputs, out_dtype, row_chunks, scaled_logits
+from ..chunked import DivergenceConfig, Draws, HeadGrads, Rows, out_dtype, row_chunks, scaled_logits
 
 
 def divergence_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg: DivergenceConfig,
@@ -108,7 +108,7 @@ def mixture_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, voc
     gen.manual_seed(int(seed.item()))
     # The coins are drawn with or without a teacher, so that alpha = 0 draws what sample_tokens draws (as on triton).
     use_t = torch.rand(n, generator=gen, device=hs.device) < alpha
-    tokens, lq_y, lp_y = draw_outputs(hs, has_teacher)
+    draws = Draws(hs, has_teacher)
     for rows in row_chunks(n, chunk_size):
         s = scaled_logits(hs[rows], ws, bs, vocab_size, student)[0]
         x = s
@@ -117,11 +117,9 @@ def mixture_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, voc
             x = torch.where(use_t[rows].unsqueeze(1), t, s)
         u = torch.rand(x.shape, generator=gen, device=hs.device, dtype=x.dtype)
         y = (x - torch.log(-torch.log(u))).argmax(-1, keepdim=True)  # u = 0 gives -inf: never chosen
-        tokens[rows] = y.squeeze(1)
-        lq_y[rows] = torch.log_softmax(s, -1).gather(1, y).squeeze(1)
-        if has_teacher:
-            lp_y[rows] = torch.log_softmax(t, -1).gather(1, y).squeeze(1)
-    return tokens, lq_y, lp_y
+        draws.put(rows, y.squeeze(1), torch.log_softmax(s, -1).gather(1, y).squeeze(1),
+                  torch.log_softmax(t, -1).gather(1, y).squeeze(1) if has_teacher else None)
+    return draws.result()
 
 
 OPS = {

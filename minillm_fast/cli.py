@@ -5,6 +5,8 @@
   evaluate  sampled responses, Rouge-L and exact match over seeds
   teacher-cache  a teacher's top-k log-probs over the training responses, for offline KD (teacher_cache: in a config)
   cbd       chain-based distillation: `cbd chain` distils a chain of anchors, `cbd init` a student from it (docs/cbd.md)
+  chain     the same as `cbd chain`
+  init      the same as `cbd init`
 
 The microbenchmarks are not part of the package: `python -m bench` from a source checkout (bench/README.md).
 Each subcommand has its own ``--help``. ``--debug`` (anywhere on the line) shows the traceback of an error that is
@@ -52,7 +54,16 @@ def _cbd(argv: list) -> int:
     return cbd_main(argv)
 
 
-COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate, "teacher-cache": _teacher_cache, "cbd": _cbd}
+def _chain(argv: list) -> int:
+    return _cbd(["chain", *argv])
+
+
+def _init(argv: list) -> int:
+    return _cbd(["init", *argv])
+
+
+COMMANDS = {"demo": _demo, "distill": _distill, "evaluate": _evaluate, "teacher-cache": _teacher_cache, "cbd": _cbd,
+            "chain": _chain, "init": _init}
 
 
 def _user_error(e: BaseException) -> bool:

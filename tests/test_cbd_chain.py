@@ -153,6 +153,8 @@ def test_init_outside_the_range(built, tmp_path, capsys):
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "outside the chain's range" in err and "--allow-extrapolate" in err and "Traceback" not in err
+    assert cli_main(["init", *args[2:]]) == 2                               # `minillm-fast init`: cbd init's alias
+    assert "outside the chain's range" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "s")
     assert cli_main(args + ["--allow-extrapolate"]) == 0
     err = capsys.readouterr().err
@@ -303,6 +305,8 @@ def test_chain_cli_reports_errors_in_one_paragraph(tmp_path, capsys):
     assert cli_main(["cbd", "chain", "--config", cfg, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "a1: gpt2: 2 layers, hidden 48" in out and not os.path.exists(tmp_path / "dry")
+    assert cli_main(["chain", "--config", cfg, "--dry-run"]) == 0          # the spelling: an alias of cbd chain
+    assert "a1: gpt2: 2 layers, hidden 48" in capsys.readouterr().out
 
 
 def test_changed_config_for_a_finished_chain_is_refused(built, tmp_path):

@@ -16,7 +16,7 @@ Conventions every case follows:
 * ``Impl.check(device, opts)`` returns ``None`` when the implementation can run, else a reason that starts with
   ``missing:`` (a package is not installed) or ``unsupported:`` (this device / option is not available there).
 * ``floor(inputs, shape)`` returns ``(matmuls, flops)``: zero-argument callables per phase (``fwd``, ``bwd``),
-  each one matmul of DESIGN.md section 4 written into a preallocated output, and the flop count per phase.
+  each one matmul of docs/design.md section 4 written into a preallocated output, and the flop count per phase.
 * ``truth(inputs, opts)`` returns ``(loss, {name: grad})`` computed with minillm_fast/reference.py in fp32 (row
   chunks where the op allows it, so the truth fits where the naive baseline might not); None for a sampler.
 * ``modes``: ``("fwd",)`` for an op without gradients (``grad_names`` empty).
@@ -126,8 +126,9 @@ def _div_kwargs(opts: dict) -> dict:
 
 
 def _div_floor(x: dict, shape: Shape):
-    """The four matmuls of DESIGN.md section 4 over the real vocabulary, outputs preallocated, in both orientations:
-    token-major (``h W^T`` -> ``[N, V]``, G ``[N, V]``) and vocabulary-major (``W h^T`` -> ``[V, N]``, G ``[V, N]``).
+    """The four matmuls of docs/design.md section 4 over the real vocabulary, outputs preallocated, in both
+    orientations: token-major (``h W^T`` -> ``[N, V]``, G ``[N, V]``) and vocabulary-major (``W h^T`` -> ``[V, N]``,
+    G ``[V, N]``).
     The same flops; BLAS runs them at different speeds (on CPU, MKL's token-major logits lose ~5% at a few hundred
     rows), so the engine times both per phase and keeps the faster: a floor that one layout beats is no floor."""
     v = shape.vocab

@@ -245,7 +245,7 @@ def _run(args, device, batches: list, tmp: Path) -> list:
                 if res.get("status") != "ok":
                     unverified[job.truth_path] = f"unverified: reference failed ({res.get('error', '')[:150]})"
             elif job.kind == "floor":
-                note = "the matmuls of DESIGN.md section 4 alone"
+                note = "the matmuls of docs/design.md section 4 alone"
                 if res.get("layouts"):
                     note += f" (faster layout per phase: {res['layouts']})"
                 rows += _rows_from(res, job.base, "floor", job.modes, note=note)

@@ -6,7 +6,7 @@
 //     `W h^T` matmul writes), a group of rows in the lanes, swept down the vocabulary together.
 //
 // Everything here is elementwise on Vectorized<T> or scalar per row, so it does not care what the lanes hold. Math:
-// DESIGN.md section 2 and minillm_fast/divergences.py; the formulas are those of kernels/fused_divergence.py.
+// docs/design.md section 2 and minillm_fast/divergences.py; the formulas are those of kernels/fused_divergence.py.
 #pragma once
 
 #include "native_common.h"

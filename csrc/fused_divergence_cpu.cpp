@@ -1,6 +1,6 @@
 // Native (C++) rows function of the token-chunked fused divergence, for CPU tensors.
 //
-// Math (DESIGN.md section 2, minillm_fast/divergences.py). Per row, with s = softcap_s(z_s) / T_s and
+// Math (docs/design.md section 2, minillm_fast/divergences.py). Per row, with s = softcap_s(z_s) / T_s and
 // t = softcap_t(z_t) / T_t (each model its own effective temperature and softcap, minillm_fast/scaling.py; a cap of 0
 // is none), lq = s - lse(s), lp = t - lse(t), the loss is L = sum_v phi and the gradients with respect to the raw
 // logits are

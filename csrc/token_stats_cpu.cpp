@@ -3,7 +3,8 @@
 //
 // The Python side walks the rows in chunks of C, computes each chunk's logits [C, V] with one matmul per model (CPU
 // BLAS, into a buffer reused across chunks) and calls one of these on the chunk; nothing [N, V] is ever allocated.
-// Notation (DESIGN.md): s = softcap(z) / T, lq = (s - m) - log l with m the row max and l = sum e^(s - m), q = e^lq.
+// Notation (docs/design.md section 2): s = softcap(z) / T, lq = (s - m) - log l with m the row max and
+// l = sum e^(s - m), q = e^lq.
 //
 // token_logprobs_fwd_rows   one sweep per row (common::row_lse): m, log l and, for the entropy, the shifted
 //                           accumulator A = sum e^(s - m) (s - m), rebased when the running max moves; then

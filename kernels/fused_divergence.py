@@ -1,7 +1,8 @@
 """Triton kernels of the fused linear divergence (minillm_fast.fused_divergence).
 
-Math (DESIGN.md section 2). Per row i, ``s = softcap(h_s W_s^T + b_s) / T`` and ``t = softcap(h_t W_t^T + b_t) / T``;
-``lq = s - lse(s)``, ``lp = t - lse(t)``; the loss is ``L = sum_v phi`` and the gradients with respect to s and t are
+Math (docs/design.md section 2). Per row i, ``s = softcap(h_s W_s^T + b_s) / T`` and
+``t = softcap(h_t W_t^T + b_t) / T``; ``lq = s - lse(s)``, ``lp = t - lse(t)``; the loss is ``L = sum_v phi`` and the
+gradients with respect to s and t are
 
     G_s = q*g - q * c_s,   c_s = sum_v q*g        G_t = p*h - p * c_t,   c_t = sum_v p*h
 

@@ -1,7 +1,8 @@
 """Triton kernels of rollout time: mixture sampling and rollout statistics (minillm_fast.ops.sampling).
 
-Notation as in DESIGN.md: student ``s = softcap(h_s W_s^T + b_s) / T``, ``q = softmax(s)``; teacher ``t``, ``p``;
-the MiniLLM rollout distribution is the mixture ``m = alpha p + (1 - alpha) q`` (alpha weights the teacher).
+Notation as in docs/design.md section 2: student ``s = softcap(h_s W_s^T + b_s) / T``, ``q = softmax(s)``; teacher
+``t``, ``p``; the MiniLLM rollout distribution is the mixture ``m = alpha p + (1 - alpha) q`` (alpha weights the
+teacher).
 
 Mixture sampling (`_sample_kernel`), exact and in one pass over the vocabulary. A draw from a two-component mixture
 is "pick the component (teacher with probability alpha), then draw from it"; a draw from ``softmax(x)`` is the

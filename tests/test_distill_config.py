@@ -1,4 +1,4 @@
-"""Config: DESIGN section 3 defaults, YAML + key=value overrides, and early, clear failures."""
+"""Config: docs/design.md section 3 defaults, YAML + key=value overrides, and early, clear failures."""
 from __future__ import annotations
 
 import os
@@ -18,7 +18,7 @@ def test_reference_defaults():
     p = workspace("gpt2")
     cfg = DistillConfig(student=p["student"], teacher=p["teacher"], train_data=p["train_data"],
                         output_dir="/tmp/unused").resolve()
-    # DESIGN.md section 3 / the reference's gpt2 minillm script
+    # docs/design.md section 3 / the reference's gpt2 minillm script
     assert (cfg.method, cfg.alpha, cfg.gamma, cfg.cliprange, cfg.reward_scaling, cfg.cliprange_reward) == \
         ("minillm", 0.2, 0.95, 0.2, 0.5, 100.0)
     assert (cfg.num_rollouts, cfg.ppo_epochs, cfg.batch_size, cfg.lr, cfg.warmup_steps, cfg.weight_decay) == \

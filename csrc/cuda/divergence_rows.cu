@@ -4,7 +4,7 @@
 // model and hands them to a rows function, which returns per-row losses and statistics and writes G = dL/dz in place;
 // G then feeds the two gradient matmuls (cuBLAS again). Nothing [N, V] exists; this kernel is the elementwise part.
 //
-// Math (DESIGN.md section 2, divergence_rows.cuh): per row, s = softcap(z_s) / T, t = softcap(z_t) / T,
+// Math (docs/design.md section 2, divergence_rows.cuh): per row, s = softcap(z_s) / T, t = softcap(z_t) / T,
 // lq = (s - m_s) - log l_s, lp = (t - m_t) - log l_t; L = sum_v phi; dL/dz_s = (q*g - q c_s) row_grad / T (1 - tanh^2).
 //
 // One thread block per row, rows_threads(V) threads (a power of two, at most 512; a function of V only, so a row's

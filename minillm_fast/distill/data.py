@@ -7,9 +7,10 @@ Instruction records (one JSON object a line)::
     {"prompt": "<already formatted prompt>", "response": "..."}      # used verbatim
     "response" may be a list of strings: the references of an evaluation example (the first one is trained on).
 
-Prompts use the Alpaca/dolly template of the MiniLLM reference (DESIGN.md section 3), :func:`format_prompt`: the one
-template of the package (the built-in demo trains its tokenizer on it too); prompts longer than ``max_prompt_length``
-tokens are dropped; the response is followed by EOS; ``prompt + response`` is cut to ``max_length`` tokens.
+Prompts use the Alpaca/dolly template of the MiniLLM reference (docs/design.md section 3), :func:`format_prompt`: the
+one template of the package (the built-in demo trains its tokenizer on it too); prompts longer than
+``max_prompt_length`` tokens are dropped; the response is followed by EOS; ``prompt + response`` is cut to
+``max_length`` tokens.
 
 Order is a pure function of ``(seed, epoch)`` (:class:`IndexStream`), so a resumed run and a run on more ranks see the
 same global batches.

@@ -1,4 +1,4 @@
-"""MiniLLM's rewards and advantages (paper section 2.2; DESIGN.md section 3).
+"""MiniLLM's rewards and advantages (paper section 2.2; docs/design.md section 3).
 
 Per response token ``t`` (valid tokens: the generated ones up to and including EOS):
 

@@ -2,7 +2,7 @@
 
 MiniLLM samples rollouts from ``m = alpha p + (1 - alpha) q`` (p the teacher, q the student, alpha = 0.2; paper
 Eq. 4) and stores, per token, ``log q(y)``, ``log p(y)`` and the importance weight ``q(y) / m(y)``
-(DESIGN.md section 3). These ops make those from hidden states and lm_head weights in one pass over the vocabulary,
+(docs/design.md section 3). These ops make those from hidden states and lm_head weights in one pass over the vocabulary,
 without ``[N, V]`` logits:
 
 * :func:`mixture_sample`: draw ``y ~ m`` (component coin, then a draw from that component's softmax) and return

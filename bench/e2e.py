@@ -6,14 +6,14 @@ Models: the demo's configs (minillm_fast/demo/configs.py: ``student_config`` 128
 256 / 6, GPT-2 or Llama family, tied heads) at the given vocabulary, randomly initialised (``build_model``), fp32.
 Inputs are random token ids. Nothing is downloaded.
 
-``train``: one MiniLLM micro-step as the trainer runs it (``Trainer._minillm_micro``), forward and backward: the
-student over ``batch`` rollouts (prompt + ragged response) and ``pt_rows`` corpus rows in one forward; the PPO
-surrogate through the response tokens' log-probs, the single-step reverse KL against the teacher's hidden states
-cached by the rollout, the pre-training term ``0.5 CE + 0.5 KL(p || q)`` against a no-grad teacher forward over the
-corpus rows. ``fused``: :mod:`minillm_fast.distill.losses` (no ``[tokens, V]`` tensor beyond a chunk);
-``materialised``: the same losses from fp32 logits of both models, each computed once for the rows that need them
-(the response positions and the corpus rows, as the fused path), ``log_softmax``, every term from those, autograd.
-Tokens per step: the tokens that carry a loss (valid response tokens + corpus labels).
+``train``: one MiniLLM micro-step as the trainer runs it (``MiniLLM.micro_loss``, distill/methods/minillm.py), forward
+and backward: the student over ``batch`` rollouts (prompt + ragged response) and ``pt_rows`` corpus rows in one
+forward; the PPO surrogate through the response tokens' log-probs, the single-step reverse KL against the teacher's
+hidden states cached by the rollout, the pre-training term ``0.5 CE + 0.5 KL(p || q)`` against a no-grad teacher
+forward over the corpus rows. ``fused``: :mod:`minillm_fast.distill.losses` (no ``[tokens, V]`` tensor beyond a
+chunk); ``materialised``: the same losses from fp32 logits of both models, each computed once for the rows that need
+them (the response positions and the corpus rows, as the fused path), ``log_softmax``, every term from those,
+autograd. Tokens per step: the tokens that carry a loss (valid response tokens + corpus labels).
 
 ``rollout``: ``minillm_fast.distill.rollout.generate(student, teacher, ...)`` as the trainer calls it (alpha 0.2,
 teacher hidden states kept, KV caches for both models), ``new_tokens`` decoding steps for ``rollout_batch`` left-padded

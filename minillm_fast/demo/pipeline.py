@@ -16,7 +16,7 @@ init       the teacher and the student built from ``configs`` (``build_model``; 
            budget), saved with the tokenizer
 teacher    SFT of the teacher (``minillm-fast distill``; best checkpoint by validation Rouge-L)
 students   SFT, KD, SeqKD and OKD of the student (best by validation Rouge-L, as the reference selects baselines; OKD
-           trains a LoRA module on the teacher along with the student, distill/okd.py); MiniLLM
+           trains a LoRA module on the teacher along with the student, distill/methods/okd.py); MiniLLM
            initialised from the SFT checkpoint of lowest validation loss (paper, appendix B.1), and its three
            ablations: ``length_norm=false``, ``alpha=0``, ``single_step=false``
 eval       every model on the test split, seeds 10 20 30 40 50 (``minillm-fast evaluate``: sampling at temperature

@@ -53,8 +53,8 @@ seeds; "valid" = 100 validation examples, one seed):
   KL rose from 1.0 to 1.4: the policy-gradient term alone, at this lr, moves away from the teacher).
 * **Pre-training term.** The students never saw the corpus (the paper's students were pre-trained on it), so its CE
   starts near 4.9 and dominates the gradient norm early (clipped to 1.0); scaling it by 0.1 made no clear difference.
-* **OKD** (online KD, distill/okd.py) from the initial student, with KD's schedule (600 steps of batch 16, lr 3e-3)
-  and okd.py's defaults (LoRA r 32, alpha 64 on q_proj / v_proj of the teacher, teacher loss 0.5 KL(q || p) + 0.5
+* **OKD** (online KD, distill/methods/okd.py) from the initial student, with KD's schedule (600 steps of batch 16,
+  lr 3e-3) and its defaults (LoRA r 32, alpha 64 on q_proj / v_proj of the teacher, teacher loss 0.5 KL(q || p) + 0.5
   CE, student loss KL(p || q)), run alone against the full-schedule teacher: test Rouge-L 25.3 ± 1.0 with the
   module's lr = lr (the default), 25.8 ± 0.8 with okd_lr 5e-4 (KD 27.2, MiniLLM 25.9, SFT 24.6 in the same
   tables). 0.30 s per step against KD's 0.18 (the teacher's backward to its LoRA factors, and a second fused

@@ -347,3 +347,32 @@ def test_minillm_compute_loss_equals_trl(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     for (n, _), a, b in zip(student.named_parameters(), g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10 * max(1.0, b.abs().max().item()), msg=n)
+
+
+def test_gkd_bf16_mixed_precision(tmp_path):
+    """With ``bf16=True`` accelerate wraps the prepared models' forwards in autocast: the probe still passes (it runs
+    the class forward, and the wrapper is put back), the fused loss runs both models' bodies under the same autocast
+    as TRL's ``model(...)`` calls, and the loss agrees with TRL's to bf16 rounding (TRL's heads also run in bf16)."""
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from minillm_fast.distill.models import decoder
+
+    student, teacher = _llama(16, 41, dtype=torch.float32, spread=20.0), _llama(24, 42, dtype=torch.float32,
+                                                                                 spread=20.0)
+    args = GKDConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, lmbda=0.0, report_to="none",
+                     use_cpu=True, bf16=True, max_length=None)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=_gkd_dataset(),
+                         processing_class=_tokenizer(), data_collator=_Collate())
+    assert trainer.accelerator.native_amp and "forward" in vars(trainer.teacher_model)   # autocast-wrapped
+    batch = _batch()
+    autocast = []
+    for m in (student, teacher):
+        decoder(m).register_forward_pre_hook(lambda *_: autocast.append(torch.is_autocast_enabled("cpu")))
+    with torch.no_grad():
+        want = trainer.compute_loss(student, dict(batch))
+        fused_trl.use_fused_losses(trainer)
+        assert "forward" in vars(trainer.teacher_model)                                  # put back after the probe
+        autocast.clear()
+        got = trainer.compute_loss(student, dict(batch))
+    assert autocast == [True, True]
+    torch.testing.assert_close(got, want.float(), rtol=1e-2, atol=0)

@@ -14,11 +14,13 @@ Neither the student's nor the teacher's ``[B, T, V]`` logits are made: both mode
 and the loss is computed by :func:`minillm_fast.token_logprobs` and :func:`minillm_fast.fused_divergence` from the
 hidden states and the lm_head weights.
 
-:func:`final_hidden`, :func:`model_heads`, :func:`check_models` and :func:`token_denominator` are the one code path
-from a model and a batch to the fused ops' inputs; the TRL glue (:mod:`minillm_fast.integrations.trl`) uses them too.
+:func:`final_hidden`, :func:`model_heads`, :func:`check_models`, :func:`forward_context` and
+:func:`token_denominator` are the one code path from a model and a batch to the fused ops' inputs; the TRL glue
+(:mod:`minillm_fast.integrations.trl`) uses them too.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -72,11 +74,38 @@ def model_heads(student, teacher, *, vocab_size: Optional[int] = None, tokenizer
     return head_of(student, student_dtype), head_of(teacher, teacher_dtype), vocab_size
 
 
+@contextlib.contextmanager
+def class_forward(model):
+    """Run ``model``'s class ``forward`` for the duration: an instance-level wrapper (accelerate's mixed-precision
+    wrapper, which runs the forward under autocast and converts the outputs to fp32) is set aside and put back.
+    The probe checks what a model does to its logits; autocast's rounding is not that."""
+    m = unwrap(model)
+    saved = m.__dict__.pop("forward", None)
+    try:
+        yield m
+    finally:
+        if saved is not None:
+            m.forward = saved
+
+
 def check_models(student, teacher, vocab_size: int, *, backend: str = "auto") -> None:
-    """The load-time probe of both models (:func:`heads.probe`): a model whose logits the fused path would not
-    reproduce raises :class:`~minillm_fast.distill.heads.HeadMismatchError` before any training."""
-    probe(student, vocab_size, what="student", backend=backend)
-    probe(teacher, vocab_size, what="teacher", backend=backend)
+    """The load-time probe of both models (:func:`heads.probe`, on their class forward: :func:`class_forward`): a
+    model whose logits the fused path would not reproduce raises
+    :class:`~minillm_fast.distill.heads.HeadMismatchError` before any training."""
+    for model, what in ((student, "student"), (teacher, "teacher")):
+        with class_forward(model) as m:
+            probe(m, vocab_size, what=what, backend=backend)
+
+
+def forward_context(trainer):
+    """The mixed-precision context in which a trainer's prepared models run their forward: accelerate wraps a
+    prepared model's ``forward`` in autocast when mixed precision is on (``bf16=True``), and :func:`final_hidden`
+    calls the base model directly, outside that wrapper, so the callers enter it themselves. A null context without
+    mixed precision or without an accelerator."""
+    acc = getattr(trainer, "accelerator", None)
+    if acc is None or not getattr(acc, "native_amp", False):
+        return contextlib.nullcontext()
+    return acc.autocast()
 
 
 def token_denominator(tokens: Tensor, num_items_in_batch=None):
@@ -166,6 +195,7 @@ class DistillationTrainerMixin:
         device = next(unwrap(model).parameters()).device
         if next(self.teacher_model.parameters()).device != device:
             self.teacher_model.to(device)
-        loss, terms = distillation_loss(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
-                                        return_terms=True, **self.distill_kwargs)
+        with forward_context(self):
+            loss, terms = distillation_loss(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
+                                            return_terms=True, **self.distill_kwargs)
         return (loss, terms) if return_outputs else loss

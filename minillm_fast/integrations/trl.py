@@ -29,7 +29,9 @@ models' logits by its ``temperature``; MiniLLM by ``kd_temperature``. Loss token
 -100 (GKD: prompt and padding masked by the collator), the completion mask (``DistillationTrainer``, times
 ``tool_mask``), or every completion position (MiniLLM: TRL masks ``labels`` but reads ``input_ids``, so completion
 padding counts; kept as TRL does it). The models run as TRL runs them: ``model(input_ids, attention_mask)``, no
-position ids of ours.
+position ids of ours, under the trainer's mixed precision where TRL's call runs under it (``bf16=True``: GKD and
+MiniLLM call the models' prepared forwards, which accelerate wraps in autocast; ``DistillationTrainer`` calls the
+base model directly, outside it).
 
 **Normalisation**: with ``num_items_in_batch`` (the trainer's count of loss tokens over the gradient-accumulation
 window, and over the ranks under ``average_tokens_across_devices``) a loss is ``sum / num_items_in_batch``, as TRL
@@ -65,7 +67,7 @@ from torch import Tensor, nn
 
 from ..distill.data import IGNORE_INDEX
 from ..distill.heads import Head, head_of
-from ..distill.hf import check_models, final_hidden, model_heads, token_denominator
+from ..distill.hf import check_models, final_hidden, forward_context, model_heads, token_denominator
 from ..ops.fused_divergence import fused_divergence
 from ..ops.token_logprobs import token_logprobs
 
@@ -174,10 +176,11 @@ def _gkd_compute_loss(self, model, inputs, return_outputs=False, num_items_in_ba
     hidden states."""
     opts = self._minillm_fast
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    hs = final_hidden(model, ids, mask, position_ids=None)[:, :-1]
     self.teacher_model.eval()
-    with torch.no_grad():
-        ht = final_hidden(self.teacher_model, ids, mask, position_ids=None)[:, :-1]
+    with forward_context(self):      # TRL calls model(...), whose prepared forward runs under the mixed precision
+        hs = final_hidden(model, ids, mask, position_ids=None)[:, :-1]
+        with torch.no_grad():
+            ht = final_hidden(self.teacher_model, ids, mask, position_ids=None)[:, :-1]
     s_head, t_head, vocab = _heads_for(model, self.teacher_model, hs, ht, opts)
     loss = generalized_jsd_loss(hs, s_head, ht, t_head, labels=inputs["labels"][:, 1:], beta=self.beta,
                                 num_items_in_batch=num_items_in_batch, vocab_size=vocab, backend=opts.backend)
@@ -238,10 +241,11 @@ def _minillm_compute_loss(self, model, inputs, return_outputs=False, num_items_i
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     p = inputs["prompt_ids"].shape[1]
-    hs = final_hidden(model, input_ids, attention_mask, position_ids=None)[:, p - 1:-1]
     self.teacher_model.eval()
-    with torch.no_grad():
-        ht = final_hidden(self.teacher_model, input_ids, attention_mask, position_ids=None)[:, p - 1:-1]
+    with forward_context(self):      # as TRL's model(...) calls
+        hs = final_hidden(model, input_ids, attention_mask, position_ids=None)[:, p - 1:-1]
+        with torch.no_grad():
+            ht = final_hidden(self.teacher_model, input_ids, attention_mask, position_ids=None)[:, p - 1:-1]
     s_head, t_head, vocab = _heads_for(model, self.teacher_model, hs, ht, opts)
     labels = input_ids[:, p:]
     mask = labels != IGNORE_INDEX        # as TRL: every completion position (padding included)

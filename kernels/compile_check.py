@@ -431,7 +431,7 @@ def compile_launch(launch: Launch, target: Target) -> Result:
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=target.gpu_target(), options=options.__dict__)
     except Exception as e:  # noqa: BLE001 - every compile failure is a finding, reported with its message
-        result.error = f"{type(e).__name__}: {_first_lines(str(e))}"
+        result.error = _describe(e)
         result.seconds = time.perf_counter() - start
         return result
     result.seconds = time.perf_counter() - start
@@ -458,6 +458,17 @@ def compile_launch(launch: Launch, target: Target) -> Result:
 def _amd_field(asm: str, name: str) -> Optional[int]:
     m = re.search(rf"\.{name}:\s+(\d+)", asm)
     return int(m.group(1)) if m else None
+
+
+def _describe(error: BaseException) -> str:
+    """The message of a compile failure, down to its root cause: an error inside a ``@triton.jit`` helper reaches
+    us as a CompilationError at the kernel's call site whose ``__cause__`` holds the helper's error (and that one, in
+    turn, the NameError or TypeError that says what is wrong)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 16:
+        chain.append(chain[-1].__cause__)
+    parts = [f"{type(e).__name__}: {_first_lines(str(e))}" for e in chain if str(e).strip()]
+    return "; caused by ".join(parts) if parts else type(error).__name__
 
 
 def _first_lines(text: str, n: int = 6) -> str:

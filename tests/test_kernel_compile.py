@@ -75,7 +75,7 @@ def test_catches_shared_memory_over_the_limit():
         from minillm_fast.kernels import compile_check as cc, configs
         big = configs.Tiles(128, 256, 64, num_warps=8, num_stages=5)
         orig = configs.launch_config
-        configs.launch_config = lambda kernel, arch, precision="half": big if kernel == "split_fwd" else orig(
+        configs.launch_config = lambda kernel, arch, precision="half": big if kernel == "sample" else orig(
             kernel, arch, precision)
         results = cc.run([cc.Case("sample_tokens", dtype="bf16")], ["sm_80"])
         assert len(results) == 1, results

@@ -115,6 +115,11 @@ def _num(x: Optional[float], fmt: str = "{:.2f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
+def _seconds(x: Optional[float]) -> str:
+    """Whole seconds, or two significant digits under ten (a quick run's few steps take well under a second)."""
+    return "n/a" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """The results table: one row per model, test numbers as mean ± std over the sampling seeds."""
     lines = ["| model | method | params | train time (s) | valid Rouge-L (best) | valid rev. KL | test Rouge-L | "
@@ -122,7 +127,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         params = "n/a" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
-        lines.append(f"| {r['name']} | {r['label']} | {params} | {_num(r.get('train_seconds'), '{:.0f}')} | "
+        lines.append(f"| {r['name']} | {r['label']} | {params} | {_seconds(r.get('train_seconds'))} | "
                      f"{_num(r['valid_rougeL'])} | "
                      f"{_num(r['valid_rev_kl'], '{:.3f}')} | {_pm(r['rougeL_mean'], r['rougeL_std'])} | "
                      f"{_pm(r['exact_match_mean'], r['exact_match_std'])} |")

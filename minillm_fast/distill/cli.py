@@ -35,6 +35,7 @@ def distill_main(argv: Optional[Sequence[str]] = None) -> int:
         print(config_help())
         return 0
 
+    from . import ranks
     from .config import DistillConfig
 
     # a user's mistake (config, paths, data, models) raises; minillm_fast.cli reports it in one paragraph, exit 2
@@ -48,10 +49,10 @@ def distill_main(argv: Optional[Sequence[str]] = None) -> int:
         from .trainer import Trainer
 
         Trainer(cfg).train()
-    finally:
-        from . import ranks
-
-        ranks.destroy()
+    except BaseException:
+        ranks.destroy(finished=False)
+        raise
+    ranks.destroy()
     return 0
 
 

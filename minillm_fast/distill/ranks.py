@@ -101,6 +101,12 @@ def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     return DDP(module, device_ids=ids)
 
 
-def destroy() -> None:
+def destroy(*, finished: bool = True) -> None:
+    """Tear the process group down. After a run that ``finished`` every rank first waits for the others: a rank that
+    tears gloo down while a peer still has a collective in flight (FSDP's last reduce-scatter, a checkpoint's
+    gather) can abort the peer at exit ("terminate called without an active exception"). After an error no rank
+    waits: the peers may never arrive."""
     if initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

@@ -6,7 +6,7 @@ method needs), the ``okd_*`` keys and the ``peft`` install of method=okd, and an
 run. ``--dry-run`` runs exactly these checks; the trainer adds only those that need the models or the data. Each
 field carries its one line of help as ``metadata["help"]`` (``--help-config`` prints :func:`help_text`).
 
-Defaults follow the MiniLLM reference implementation (microsoft/LMOps, folder minillm; DESIGN.md section 3). Keys
+Defaults follow the MiniLLM reference implementation (microsoft/LMOps, folder minillm; docs/design.md section 3). Keys
 whose reference value differs between MiniLLM and the baselines (learning rate, schedule, warm-up, weight decay,
 batch size, dropout, evaluation interval) default to ``null`` and are resolved per ``method`` by :meth:`resolve`;
 the resolved values are what the run directory's ``config.yaml`` records.

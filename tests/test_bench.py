@@ -5,7 +5,8 @@ The numbers themselves are not checked (tiny shapes on a shared machine); what i
 harness ran: the naive baseline, our implementations and the matmul floor each have measured rows, every measured
 implementation agreed with the fp32 reference, and the ratios and PNGs were written. The same for the end-to-end
 bench (``python -m bench e2e --quick``: a training step and a rollout, fused and materialised, on the demo's quick
-models) and for ``python -m bench plot`` (PNGs redrawn from a results CSV).
+models), for ``python -m bench plot`` (PNGs redrawn from a results CSV) and for ``python -m bench.kd_cache_step`` (a kd
+step from a teacher cache and from the live teacher, tiny sizes).
 """
 from __future__ import annotations
 
@@ -182,3 +183,26 @@ def test_quick_floor_rows_name_their_layouts(quick_run):
     _, _, rows = quick_run
     floors = [r for r in rows if r["impl"] == "floor" and r["op"] == "fused_divergence" and r["status"] == "ok"]
     assert floors and all("faster layout per phase: fwd " in r["notes"] for r in floors)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# offline KD: python -m bench.kd_cache_step at a tiny size (a kd step from a teacher cache against the live teacher)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_kd_cache_step_measures_both_teachers_on_the_same_batch(tmp_path):
+    out = tmp_path / "kd_cache_step.csv"
+    proc = subprocess.run([sys.executable, "-m", "bench.kd_cache_step", "--impl", "live,cache", "--vocab", "512",
+                           "--batch", "2", "--max-length", "48", "--max-prompt-length", "40", "--top-k", "8",
+                           "--reps", "1", "--threads", "1", "--csv", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "| live teacher |" in proc.stdout and "| cache k=8 fp16 |" in proc.stdout and "B/token" in proc.stdout
+    with open(out, newline="") as f:
+        rows = {r["impl"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"live", "cache"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert float(r["tokens_per_s"]) > 0 and float(r["median_ms"]) > 0 and r["peak_extra_mib"] != ""
+        assert 0 < float(r["teacher_share"]) < 1 and float(r["kl_ms"]) > 0 and float(r["kd"]) > 0
+        assert r["machine"] and r["commit"] and r["same_tokens_every_step"] == "True"
+    assert rows["live"]["tokens"] == rows["cache"]["tokens"] == rows["live"]["cache_rows"]   # one batch, all of it
+    assert 8 * 6 <= float(rows["cache"]["cache_bytes_per_token"]) < 8 * 6 + 40             # k x (int32 + fp16)

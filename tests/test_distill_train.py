@@ -198,3 +198,17 @@ def test_refuses_to_mix_with_an_earlier_run(tmp_path):
         Trainer(cfg)
     cfg.overwrite = True
     Trainer(cfg).train()
+
+
+def test_eval_on_start_measures_the_initial_student(tmp_path):
+    """eval_on_start: a step-0 validation line equal to a fresh evaluation of the initial student, which best/ never
+    takes (a run whose training only hurts still keeps a trained checkpoint)."""
+    cfg = config(tmp_path, method="sft", total_iters=2, eval_interval=1, select_metric="loss", eval_on_start=True,
+                 lr=1e-2)
+    start = Trainer(cfg).evaluate()                      # the same initial weights, evaluated without training
+    cfg.overwrite = True
+    Trainer(cfg).train()
+    evals = [r for r in read_metrics(cfg.output_dir) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert evals[0]["eval/loss"] == pytest.approx(start["eval/loss"], rel=1e-6)
+    assert not evals[0].get("eval/best") and any(r.get("eval/best") for r in evals[1:])

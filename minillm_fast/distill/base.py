@@ -534,6 +534,10 @@ class Trainer:
         bar = tqdm(total=self.total_iters, initial=self.step, desc=f"distill {cfg.method}", dynamic_ncols=True,
                    disable=not (self.main and cfg.progress_bar), file=sys.stderr)
         last: dict = {}
+        if cfg.eval_on_start and self.step == 0 and self.valid:
+            # the initial student's validation numbers (what a run starts from); not a best/ candidate: best/ is a
+            # trained checkpoint
+            self._write_metrics({"step": 0, **self.evaluate()})
         try:
             while self.step < self.total_iters:
                 t0 = time.perf_counter()

@@ -148,6 +148,8 @@ class DistillConfig:
     okd_lr: Optional[float] = _field(None, "the LoRA module's lr (default lr; same schedule)")
     # --- evaluation ----------------------------------------------------------------------------------------------
     eval_interval: Optional[int] = _field(None, "optimiser steps between evaluations (minillm 100; baselines 1 epoch)")
+    eval_on_start: bool = _field(False, "evaluate the initial student before the first step (a step-0 metrics line; "
+                                        "never a candidate for best/)")
     eval_generate: bool = _field(True, "sample responses for Rouge-L / exact match / reverse KL")
     eval_batch_size: int = _field(32, "prompts per validation batch")
     eval_max_new_tokens: Optional[int] = _field(None, "response tokens of validation samples (default max_new_tokens)")
@@ -294,7 +296,7 @@ class DistillConfig:
                 _number(key, getattr(self, key), low=0.0, low_open=True)
         _number("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         for key in ("length_norm", "whiten_advantages", "single_step", "single_step_weighted", "cache_teacher_hidden",
-                    "eval_generate", "final_eval", "progress_bar", "plots", "disable_dropout", "overwrite"):
+                    "eval_generate", "eval_on_start", "final_eval", "progress_bar", "plots", "disable_dropout", "overwrite"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be true or false")
         if not isinstance(self.resume, (bool, str)):

@@ -2,8 +2,9 @@
 
 One run (about a minute and a half on two cores) writes the whole pipeline's outputs; the tests read them: the
 report's table has a row per method with numeric test Rouge-L, the plots exist, every distill run wrote its
-config and metrics, the MiniLLM ablations really ran with their switch flipped, and the valid/test files carry every
-reference phrasing. A second, cached run is not started here (it retrains the students: another minute).
+config and metrics, the MiniLLM ablations really ran with their switch flipped, the valid/test files carry every
+reference phrasing, and the CBD rows (a chain of two anchors, a student interpolated between them, its two controls)
+were measured before and after training. A second, cached run is not started here (it retrains the students: another minute).
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import sys
 import pytest
 import yaml
 
+CBD_ROWS = ("cbd", "cbd_nearest", "cbd_scratch")
 ROWS = ("teacher", "sft", "kd", "seqkd", "minillm", "minillm_no_length_norm", "minillm_no_teacher_mix",
-        "minillm_no_single_step", "okd")
+        "minillm_no_single_step", "okd", *CBD_ROWS)
 NUMBER_PM = re.compile(r"^(\d+\.\d+) ± (\d+\.\d+)$")
 
 
@@ -120,3 +122,37 @@ def test_timings_are_recorded(demo_run):
     for stage in ("data", "tokenizer", "init", "teacher", "sft", "minillm", "okd", "eval_teacher", "total (wall)"):
         assert stage in timings and timings[stage]["seconds"] >= 0.0, stage
     assert "## Timing" in (out / "report.md").read_text()
+
+
+def test_cbd_rows_start_from_the_chain_and_are_measured_before_and_after(demo_run):
+    out, _ = demo_run
+    chain = json.loads((out / "cbd" / "chain" / "chain.json").read_text())
+    members = chain["members"]
+    assert [m["name"] for m in members] == ["teacher", "anchor_mid", "anchor_small"]
+    assert members[0]["params"] > members[1]["params"] > members[2]["params"]
+    cbd = json.loads((out / "init" / "cbd" / "cbd_init.json").read_text())
+    near = json.loads((out / "init" / "cbd_nearest" / "cbd_init.json").read_text())
+    assert (cbd["big"]["name"], cbd["small"]["name"]) == ("anchor_mid", "anchor_small")
+    assert members[2]["params"] < cbd["student_params"] < members[1]["params"]
+    assert 0.0 < cbd["alpha"] < 1.0 and near["alpha"] in (0.0, 1.0)
+    # the nearer anchor in parameters: a = 0 takes anchor_mid, a = 1 anchor_small
+    p_mid, p_small, p = members[1]["params"], members[2]["params"], cbd["student_params"]
+    assert near["alpha"] == (0.0 if p_mid - p <= p - p_small else 1.0)
+    for name in CBD_ROWS:
+        cfg = yaml.safe_load((out / "runs" / name / "config.yaml").read_text())
+        assert cfg["method"] == "kd" and cfg["eval_on_start"] and cfg["student"].endswith(f"init/{name}")
+        evals = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").open() if '"eval/loss"' in line]
+        assert evals[0]["step"] == 0 and len(evals) >= 2, name
+        res = json.loads((out / "eval" / f"{name}_init" / "results.json").read_text())
+        assert res["seeds"] == [10, 20, 30, 40, 50]
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Chain-based distillation"):report.index("## Timing")]
+    table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| row", "| ---"))]
+    assert len(table) == 3, section
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for cell in cells[2:4]:                             # valid loss and valid Rouge-L: before -> after
+            before, after = (float(x) for x in cell.split(" -> "))
+            assert before >= 0 and after >= 0
+        assert NUMBER_PM.match(cells[4]) and NUMBER_PM.match(cells[5]), line
+    assert "](cbd_valid_loss.png)" in report and (out / "cbd_valid_loss.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,15 +9,19 @@ example is ~150 tokens), dropout 0 (as the reference code trains), and input and
 Shapes (residual width / blocks / heads) and parameter counts at the demo tokenizer's vocabulary (1795 tokens with the
 default data and ``vocab_size=2048``; the tied embedding, ``vocab x width``, is part of each count):
 
-=================  =============  =========  =========  ================================================
-``SHAPES`` key     shape          gpt2       llama      use
-=================  =============  =========  =========  ================================================
-``teacher``        256 / 6 / 4    5.26M      5.21M      trained by SFT on the generated set: the teacher
-``student``        128 / 4 / 4    1.06M      1.03M      the student of the demo (5x smaller)
-``student_small``  96 / 3 / 4     0.53M      0.50M      a second, smaller student (size sweeps)
-``quick_teacher``  128 / 3 / 4    0.86M      0.83M      ``quick=True``: a two-minute smoke run
-``quick_student``  64 / 2 / 2     0.23M      0.22M
-=================  =============  =========  =========  ================================================
+=====================  ===========  =====  =====  ====================================================
+``SHAPES`` key         shape        gpt2   llama  use
+=====================  ===========  =====  =====  ====================================================
+``teacher``            256 / 6 / 4  5.26M  5.21M  trained by SFT on the generated set: the teacher
+``student``            128 / 4 / 4  1.06M  1.03M  the student of the demo (5x smaller)
+``student_small``      96 / 3 / 4   0.53M  0.50M  a second, smaller student (size sweeps)
+``quick_teacher``      128 / 3 / 4  0.86M  0.83M  ``quick=True``: a two-minute smoke run
+``quick_student``      64 / 2 / 2   0.23M  0.22M
+``quick_anchor``       96 / 3 / 3   0.53M  0.50M  CBD (demo/cbd.py): the anchor between those two
+``quick_cbd_student``  96 / 2 / 3   0.42M  0.39M  CBD: a student between that anchor and quick_student
+``anchor``             192 / 5 / 6  2.62M  2.56M  CBD at the default shapes (the demo uses quick ones)
+``cbd_student``        160 / 4 / 5  1.57M  1.53M
+=====================  ===========  =====  =====  ====================================================
 
 ``num_parameters(config)`` gives the exact count (unique tensors, tied embeddings counted once) without allocating.
 ``build_model(config, seed)`` is ``AutoModelForCausalLM.from_config(config)`` under a fixed seed, so the same config
@@ -29,7 +33,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-__all__ = ["MAX_POSITIONS", "FAMILIES", "Shape", "SHAPES", "teacher_config", "student_config", "build_model",
+__all__ = ["MAX_POSITIONS", "FAMILIES", "Shape", "SHAPES", "teacher_config", "student_config", "shape_config",
+           "build_model",
            "num_parameters", "special_token_ids"]
 
 MAX_POSITIONS = 256
@@ -51,6 +56,11 @@ SHAPES: Dict[str, Shape] = {
     "student_small": Shape(hidden=96, layers=3, heads=4),
     "quick_teacher": Shape(hidden=128, layers=3, heads=4),
     "quick_student": Shape(hidden=64, layers=2, heads=2),
+    # chain-based distillation (demo/cbd.py): head width 32 throughout, so that heads map one to one
+    "quick_anchor": Shape(hidden=96, layers=3, heads=3),
+    "quick_cbd_student": Shape(hidden=96, layers=2, heads=3),
+    "anchor": Shape(hidden=192, layers=5, heads=6),
+    "cbd_student": Shape(hidden=160, layers=4, heads=5),
 }
 
 
@@ -104,6 +114,13 @@ def student_config(vocab_size: int, family: str = "gpt2", quick: bool = False, s
     if size not in ("student", "student_small"):
         raise ValueError(f"size={size!r} is not one of ('student', 'student_small')")
     return _config(SHAPES["quick_student" if quick else size], vocab_size, family, **overrides)
+
+
+def shape_config(shape: str, vocab_size: int, family: str = "gpt2", **overrides):
+    """The config of ``SHAPES[shape]`` (any key), arguments as ``teacher_config``."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape={shape!r} is not one of {tuple(SHAPES)}")
+    return _config(SHAPES[shape], vocab_size, family, **overrides)
 
 
 def build_model(config, seed: int = 0):

@@ -19,9 +19,13 @@ students   SFT, KD, SeqKD and OKD of the student (best by validation Rouge-L, as
            trains a LoRA module on the teacher along with the student, distill/methods/okd.py); MiniLLM
            initialised from the SFT checkpoint of lowest validation loss (paper, appendix B.1), and its three
            ablations: ``length_norm=false``, ``alpha=0``, ``single_step=false``
+cbd        chain-based distillation (demo/cbd.py): a chain teacher -> anchor (0.50M) -> anchor (the students'
+           size) by KD links, a 0.39M student initialised by interpolating the two anchors, from the nearer anchor
+           alone, and at random, each then trained by KD on KD's schedule; evaluated before and after
 eval       every model on the test split, seeds 10 20 30 40 50 (``minillm-fast evaluate``: sampling at temperature
            1, ``no_repeat_ngram_size=6``, Rouge-L and exact match, max over references)
-report     ``report.md`` (the table, what it shows and does not, timings, notes), ``rougeL.png``, ``rev_kl.png``
+report     ``report.md`` (the table, what it shows and does not, the CBD section, timings, notes), ``rougeL.png``,
+           ``rev_kl.png``, ``cbd_valid_loss.png``
 =========  ==========================================================================================================
 
 Every training and evaluation job is the command a user runs, ``python -m minillm_fast distill --config X.yaml`` or
@@ -56,6 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from . import cbd
+
 __all__ = ["Schedule", "FULL", "QUICK", "METHODS", "run_demo", "main"]
 
 # The rows of the report, in order: (name, what it is).
@@ -69,6 +75,7 @@ METHODS = (
     ("minillm_no_teacher_mix", "MiniLLM w/o teacher-mixed sampling"),
     ("minillm_no_single_step", "MiniLLM w/o single-step term"),
     ("okd", "OKD"),
+    *cbd.ROWS,
 )
 MINILLM_ABLATIONS = {
     "minillm": {},
@@ -94,6 +101,7 @@ class Schedule:
     seqkd: Dict[str, object] = field(default_factory=dict)
     minillm: Dict[str, object] = field(default_factory=dict)
     okd: Dict[str, object] = field(default_factory=dict)
+    cbd_link: Dict[str, object] = field(default_factory=dict)    # each link of the CBD chain (the rows train on kd)
     eval_batch_size: int = 100
     seeds: Sequence[int] = (10, 20, 30, 40, 50)
 
@@ -116,6 +124,7 @@ FULL = Schedule(
                  warmup_steps=8, eval_interval=32, pt_batch_size=8),
     # KD's schedule (300 steps reached only 15 test Rouge-L, with okd_lr 3e-3 or 5e-4)
     okd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
+    cbd_link=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
 )
 
 QUICK = Schedule(
@@ -132,6 +141,7 @@ QUICK = Schedule(
     minillm=dict(batch_size=8, num_rollouts=8, rollout_batch_size=8, ppo_epochs=1, total_iters=2, lr=5e-4,
                  warmup_steps=1, eval_interval=1, pt_batch_size=4),
     okd=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15),
+    cbd_link=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15),
     eval_batch_size=20,
 )
 
@@ -144,7 +154,7 @@ class Job:
     """One subprocess, ``python -m minillm_fast <argv>``: a ``distill`` run (kind "train") or an ``evaluate`` run."""
 
     name: str
-    kind: str                                  # "train" | "eval"
+    kind: str                                  # "train" | "eval" | "init" (minillm-fast init of a CBD student)
     argv: List[str]                            # arguments after ``python -m minillm_fast``
     deps: List[str] = field(default_factory=list)
     cost: float = 1.0                          # relative wall time, for longest-first scheduling
@@ -377,7 +387,7 @@ def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False
 class DemoPaths:
     """Where each stage writes, under ``--out``."""
 
-    FRESH = ("data", "tokenizer", "init", "models", "runs", "eval", "configs", "logs", "cache.json")  # --fresh removes
+    FRESH = ("data", "tokenizer", "init", "models", "runs", "eval", "configs", "logs", "cbd", "cache.json")  # --fresh removes
 
     def __init__(self, out: Path):
         self.out = out
@@ -389,6 +399,7 @@ class DemoPaths:
         self.teacher = self.run("teacher") / "best"                 # the trained teacher every distillation reads
         self.seqkd_data = out / "models" / "seqkd_train.jsonl"       # the teacher's SeqKD responses, kept with it
         self.sft_init = out / "models" / "sft_min_valid_loss"        # MiniLLM's start: SFT of lowest valid loss
+        self.chain = out / "cbd" / "chain"                           # the CBD chain folder (chain.json, anchors/)
 
     def split(self, name: str) -> Path:
         """``data/{name}.jsonl``: a split as ``tasks.write_splits`` writes it."""
@@ -399,8 +410,12 @@ class DemoPaths:
         return self.data / f"{name}_refs.jsonl"
 
     def init(self, what: str) -> Path:
-        """``init/teacher`` or ``init/student``: the model before training, saved with the tokenizer."""
+        """``init/teacher``, ``init/student`` or ``init/<cbd row>``: a model before training, with the tokenizer."""
         return self.out / "init" / what
+
+    def cbd_config(self, what: str) -> Path:
+        """``cbd/configs/{what}``: the config.json of a chain anchor or of the CBD student (``cbd.configs``)."""
+        return self.out / "cbd" / "configs" / what
 
     def run(self, name: str) -> Path:
         return self.out / "runs" / name
@@ -445,8 +460,9 @@ class DemoRun:
         self.tokenizer()
         self.initial_models()
         self.native_extension()
+        self.cbd_models()
         jobs = [self.teacher_job(), self.sft_job(), self.kd_job(), self.seqkd_job(), *self.minillm_jobs(),
-                self.okd_job(), *self.eval_jobs()]
+                self.okd_job(), *self.cbd_jobs(), *self.eval_jobs()]
         self.train_and_evaluate(jobs)
         return self.report(t_start)
 
@@ -519,6 +535,29 @@ class DemoRun:
         for what, cfg in configs.items():
             build_model(cfg, seed=seeds[what]).save_pretrained(str(self.paths.init(what)))
             self.tok.save_pretrained(str(self.paths.init(what)))
+
+    def cbd_models(self) -> None:
+        """The CBD anchors' and student's configs (``cbd.configs``) and the student's random initialisation (the
+        ``cbd_scratch`` row's start)."""
+        from .configs import num_parameters, special_token_ids
+
+        configs = cbd.configs(len(self.tok), self.family, self.sched.quick_models, **special_token_ids(self.tok))
+        counts = {what: num_parameters(cfg) for what, cfg in configs.items()}
+        self.params.update({name: counts["student"] for name, _ in cbd.ROWS},
+                           **{name: counts[name] for name in cbd.ANCHORS})
+        self.cbd_alpha_nearest = cbd.nearest_alpha(counts["anchor_mid"], counts["anchor_small"], counts["student"])
+        key = {"init": self.keys["init"], "v": 1}
+        outputs = [self.paths.cbd_config(w) / "config.json" for w in configs] + \
+                  [self.paths.init("cbd_scratch") / "config.json"]
+        self._setup_stage("cbd_init", key, outputs, functools.partial(self._write_cbd_models, configs), after="init")
+
+    def _write_cbd_models(self, configs: dict) -> None:
+        from .configs import build_model
+
+        for what, cfg in configs.items():
+            cfg.save_pretrained(str(self.paths.cbd_config(what)))
+        build_model(configs["student"], seed=self.seed + 2).save_pretrained(str(self.paths.init("cbd_scratch")))
+        self.tok.save_pretrained(str(self.paths.init("cbd_scratch")))
 
     def native_extension(self) -> None:
         """The fused ops' C++ extension compiles on first use (about a minute, once per machine): here, once, rather
@@ -640,6 +679,35 @@ class DemoRun:
         """OKD from the same initial student as KD (no SFT phase, no sampling)."""
         return self._distill_job("okd", self._from_teacher("okd", self.sched.okd), ["teacher"], 60.0)
 
+    def cbd_jobs(self) -> List[Job]:
+        """The chain (teacher -> anchor_mid -> anchor_small; reused with the teacher), the CBD and nearest-anchor
+        initialisations (``minillm-fast init``), the three rows' KD runs (with ``eval_on_start``) and the test
+        evaluations of their initialisations (demo/cbd.py)."""
+        p, chain_yaml = self.paths, self.paths.config("cbd_chain")
+        key = {"teacher": self.keys["teacher"], "cbd_init": self.keys["cbd_init"], "link": self.sched.cbd_link}
+        cached = self._reusable("cbd_chain", key, [p.chain / "chain.json"], after="teacher")
+        if not cached and p.chain.exists():
+            shutil.rmtree(p.chain)                      # a stale chain would be continued, not rebuilt
+        _write_yaml(chain_yaml, cbd.chain_config(
+            teacher=p.teacher, tokenizer=p.tokenizer, output_dir=p.chain,
+            anchor_dirs={a: p.cbd_config(a) for a in cbd.ANCHORS}, common=self.common, link=self.sched.cbd_link))
+        jobs = [Job("cbd_chain", "train", ["chain", "--config", str(chain_yaml)], deps=["teacher"], cost=70.0,
+                    cached=cached, after=functools.partial(self.cache.store, "cbd_chain", key))]
+        if cached:
+            self._record_cached("cbd_chain", "train")
+        student_cfg = str(p.cbd_config("student"))
+        for name, alpha in (("cbd", None), ("cbd_nearest", self.cbd_alpha_nearest)):
+            argv = ["init", "--chain", str(p.chain), "--student-config", student_cfg, "--out", str(p.init(name))]
+            jobs.append(Job(f"init_{name}", "init", argv + ([] if alpha is None else ["--alpha", str(alpha)]),
+                            deps=["cbd_chain"], cost=2.0))
+        for name, _ in cbd.ROWS:
+            deps = ["teacher"] + ([] if name == "cbd_scratch" else [f"init_{name}"])
+            values = dict(self.sched.kd, method="kd", student=str(p.init(name)), teacher=str(p.teacher),
+                          eval_on_start=True)
+            jobs.append(self._distill_job(name, values, deps, 40.0))
+            jobs.append(self._eval_job(f"{name}_init", p.init(name), deps[1:], 5.0))
+        return jobs
+
     def eval_jobs(self) -> List[Job]:
         """Every model on the test split; the teacher's evaluation is reused with the teacher."""
         key = {"teacher": self.keys["teacher"], "test": str(self.paths.refs("test")), "seeds": list(self.sched.seeds),
@@ -670,9 +738,16 @@ class DemoRun:
         info = {"schedule": dataclasses.asdict(self.sched), "family": self.family, "params": self.params,
                 "n_parallel": self.n_parallel, "threads": self.threads, "sft_selection": self.sft_selection,
                 "seed": self.seed}
+        from ..distill.cbd.init import INIT_RECORD
+
+        cbd_section = cbd.report_lines(self.paths.out, self.paths.chain,
+                                       {n: self.paths.init(n) / INIT_RECORD for n in ("cbd", "cbd_nearest")},
+                                       self.params)
         path = R.write_report(self.paths.out, rows, self.timings, info,
                               minillm_runs={n: self.paths.run(n) for n in MINILLM_ABLATIONS},
-                              init_point=self.sft_selection)
+                              init_point=self.sft_selection, extra_sections=[cbd_section],
+                              extra_plots={"cbd_valid_loss.png": functools.partial(cbd.plot_before_after,
+                                                                                   self.paths.out)})
         self.timings["report"] = {"seconds": time.perf_counter() - t0, "kind": "setup", "cached": False}
         (self.paths.out / "timings.json").write_text(json.dumps(self.timings, indent=2))
         return {"report": str(path), "rows": rows, "timings": self.timings, "table": R.markdown_table(rows)}
@@ -695,7 +770,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="minillm-fast demo", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The built-in default job: generate an instruction data set and a tokenizer, train a small "
-                    "teacher, distil students with SFT, KD, SeqKD, MiniLLM (and MiniLLM's three ablations) and OKD, "
+                    "teacher, distil students with SFT, KD, SeqKD, MiniLLM (and MiniLLM's three ablations), OKD and "
+                    "CBD (a chain of anchors, a student initialised from it, and its controls), "
                     "evaluate everything over 5 seeds and write a report. No download; minutes on a CPU.",
         epilog="Outputs: OUT/report.md (table, plots, timings), OUT/runs/<method>/ (distill run directories), "
                "OUT/eval/<method>/results.{json,md}, OUT/configs/*.yaml, OUT/logs/*.log.")

@@ -95,7 +95,7 @@ def collect_rows(out_dir, methods: Sequence[Tuple[str, str]], params: Mapping[st
                  if "time/step_s" in r]
         rows.append({
             "name": name, "label": label,
-            "params": params.get("teacher" if name == "teacher" else "student"),
+            "params": params.get(name, params.get("teacher" if name == "teacher" else "student")),
             "rougeL_mean": res.get("rougeL_mean"), "rougeL_std": res.get("rougeL_std"),
             "exact_match_mean": res.get("exact_match_mean"), "exact_match_std": res.get("exact_match_std"),
             "valid_rougeL": best.get("eval/rougeL"), "valid_step": best.get("step"),
@@ -136,7 +136,8 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 def findings(rows: Sequence[dict]) -> List[str]:
     """Sentences that state what the table shows, computed from it."""
-    by = {r["name"]: r for r in rows if r["rougeL_mean"] is not None}
+    # the CBD rows train a larger student (demo/cbd.py) and have their own section: not compared here
+    by = {r["name"]: r for r in rows if r["rougeL_mean"] is not None and not r["name"].startswith("cbd")}
     out = []
     if "teacher" in by:
         students = [r for n, r in by.items() if n != "teacher"]
@@ -239,6 +240,7 @@ def plot_rouge(rows: Sequence[dict], path) -> Path:
     rows = [r for r in rows if r["rougeL_mean"] is not None]
     fig, ax = plt.subplots(figsize=(9, 4))
     colors = ["#555555" if r["name"] == "teacher" else "#2ca02c" if r["name"] == "okd"
+              else "#9467bd" if r["name"].startswith("cbd")
               else "#1f77b4" if not r["name"].startswith("minillm")
               else "#d62728" if r["name"] == "minillm" else "#ff9896" for r in rows]
     xs = range(len(rows))
@@ -249,7 +251,8 @@ def plot_rouge(rows: Sequence[dict], path) -> Path:
     ax.set_xticklabels([r["label"].replace("MiniLLM w/o ", "w/o ") for r in rows], rotation=25, ha="right",
                        fontsize=8)
     ax.set_ylabel("test Rouge-L (mean ± std, 5 seeds)")
-    ax.set_title("Rouge-L by method (teacher grey, baselines blue, MiniLLM red, its ablations pink, OKD green)",
+    ax.set_title("Rouge-L by method (teacher grey, baselines blue, MiniLLM red, its ablations pink, OKD green, "
+                 "CBD purple)",
                  fontsize=9)
     fig.tight_layout()
     path = Path(path)
@@ -302,7 +305,7 @@ def _schedule_lines(info: dict) -> List[str]:
              f"* models ({info['family']}): teacher {info['params']['teacher'] / 1e6:.2f}M parameters, students "
              f"{info['params']['student'] / 1e6:.2f}M ({info['params']['teacher'] / info['params']['student']:.1f}x "
              f"smaller); {'quick' if sched['quick_models'] else 'default'} shapes of minillm_fast.demo.configs"]
-    for key in ("teacher", "sft", "kd", "seqkd", "minillm", "okd"):
+    for key in ("teacher", "sft", "kd", "seqkd", "minillm", "okd", "cbd_link"):
         if sched.get(key):
             lines.append(f"* {key}: " + ", ".join(f"{k}={v}" for k, v in sched[key].items()))
     sel = info.get("sft_selection") or {}
@@ -317,9 +320,13 @@ def _schedule_lines(info: dict) -> List[str]:
 
 
 def write_report(out_dir, rows: Sequence[dict], timings: Mapping[str, dict], info: dict,
-                 minillm_runs: Mapping[str, Path], init_point: Optional[Mapping[str, float]] = None) -> Path:
+                 minillm_runs: Mapping[str, Path], init_point: Optional[Mapping[str, float]] = None,
+                 extra_sections: Sequence[Sequence[str]] = (), extra_plots: Optional[Mapping[str, object]] = None
+                 ) -> Path:
     """Write ``report.md``, ``rougeL.png`` and ``rev_kl.png`` into ``out_dir``; return the markdown path.
-    ``init_point``: validation metrics of the MiniLLM runs' initial checkpoint (step 0 of the reverse-KL plot)."""
+    ``init_point``: validation metrics of the MiniLLM runs' initial checkpoint (step 0 of the reverse-KL plot).
+    ``extra_sections``: markdown lines of further sections (the CBD rows' before and after), placed after the
+    findings, each followed by the ``extra_plots`` (``{file name: draw(path, plt_factory) -> path or None}``)."""
     out_dir = Path(out_dir)
     labels = {r["name"]: r["label"] for r in rows}
     rouge_png = plot_rouge(rows, out_dir / "rougeL.png")
@@ -338,7 +345,14 @@ def write_report(out_dir, rows: Sequence[dict], timings: Mapping[str, dict], inf
            markdown_table(rows), "", "## What the table shows", ""]
     md += [f"* {s}" for s in findings(rows)] or ["* (no results)"]
     md += ["", f"![test Rouge-L by method]({rouge_png.name})", "",
-           f"![validation reverse KL during MiniLLM training]({kl_png.name})", "", "## Timing", "",
+           f"![validation reverse KL during MiniLLM training]({kl_png.name})", ""]
+    for section in extra_sections:
+        md += list(section)
+    for name, draw in (extra_plots or {}).items():
+        png = draw(out_dir / name, _plt)
+        if png is not None:
+            md += [f"![{Path(name).stem}]({Path(png).name})", ""]
+    md += ["## Timing", "",
            f"{info['n_parallel']} job(s) side by side, {info['threads']} thread(s) each (the teacher alone, with "
            f"{info['n_parallel'] * info['threads']}); job times overlap, so they add up to more than the wall time.",
            "", "| stage | seconds | note |", "| --- | --- | --- |"]

@@ -221,6 +221,8 @@ def test_repository_references_resolve():
     paths = tracked_paths(ROOT)
     if paths is None:
         pytest.skip("not a git checkout")
+    # this file is not checked: its planted-breakage test spells broken references on purpose
+    paths = [p for p in paths if p != "tests/test_docs_links.py"]
     problems = Checker(ROOT, paths, old_name_allowed=OLD_NAME_ALLOWED | PENDING_OLD_NAME).run()
     assert not problems, f"{len(problems)} broken reference(s):\n" + "\n".join(problems)
 

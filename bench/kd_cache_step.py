@@ -54,17 +54,16 @@ Writes ``bench/results/kd_cache_step.csv`` (appends) and prints a markdown table
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+
+from bench import step_runs
 
 IMPLS = ("live", "cache", "sft")
 MIB = float(1 << 20)
@@ -279,16 +278,8 @@ def run_case(spec: dict) -> dict:
 
 
 def _run_in_subprocess(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.kd_cache_step", "--case", json.dumps(spec)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(status="timeout")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return dict(status="error", error=((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1])
-    return json.loads(lines[-1])
+    return step_runs.run_in_subprocess("bench.kd_cache_step", spec, timeout,
+                                       dict(OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"])))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -344,7 +335,7 @@ def main(argv=None) -> int:
                       teacher_logit_scale=a.teacher_logit_scale, kd_ratio=a.kd_ratio, backend=a.backend,
                       threads=a.threads, reps=a.reps, warmup=a.warmup, seed=a.seed)
         facts = {k: v for k, v in ws.items() if k != "paths"}
-        machine, commit = _machine(), _commit()
+        machine, commit = step_runs.machine(), step_runs.commit()
         rows, got = [], {}
         print(f"\nkd step, V={a.vocab}, batch {a.batch} x max_length {a.max_length}, student 128/4, teacher 256/6, "
               f"{a.threads} threads, median of {a.reps}; {machine}\n")
@@ -387,46 +378,12 @@ def main(argv=None) -> int:
         if not a.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     if a.csv:
-        _append_csv(a.csv, rows)
+        step_runs.append_csv(a.csv, rows)
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 
 
 def _sec(ms: float) -> str:
     return f"{ms / 1e3:.2f} s" if ms >= 100 else f"{ms:.1f} ms"
-
-
-def _append_csv(path: str, rows: list) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    new = not os.path.exists(path)
-    if not new:
-        with open(path) as f:
-            keys = next(csv.reader(f), keys)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.machine()}, {os.cpu_count()} logical cores"
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

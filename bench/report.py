@@ -33,7 +33,7 @@ def _version(dist: str) -> str:
         return "missing"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -44,7 +44,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _commit() -> str:
+def commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -59,8 +59,8 @@ def environment(device: torch.device, threads: int) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{_cpu_model()} ({os.cpu_count()} logical cores)"
-    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=_commit(), device=name,
+        name = f"{cpu_model()} ({os.cpu_count()} logical cores)"
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=commit(), device=name,
                 device_type=device.type, threads=threads if device.type == "cpu" else "",
                 torch=torch.__version__, triton=_version("triton"), liger_kernel=_version("liger-kernel"),
                 torchtune=_version("torchtune"), python=platform.python_version())

@@ -29,16 +29,15 @@ Writes ``bench/results/trl_step.csv`` (appends) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
+
+from bench import step_runs
 
 IMPLS = ("trl", "fused")
 FAMILY = {50257: "gpt2", 128256: "llama"}
@@ -136,17 +135,8 @@ def run_case(spec: dict) -> dict:
 
 
 def _run_in_subprocess(spec: dict, timeout: float) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TRL_EXPERIMENTAL_SILENCE="1")
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.trl_step", "--case", json.dumps(spec)], cwd=root,
-                              env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(status="timeout")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return dict(status="error", error=(proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"])
-    return json.loads(lines[-1])
+    return step_runs.run_in_subprocess("bench.trl_step", spec, timeout,
+                                       dict(OMP_NUM_THREADS=str(spec["threads"]), TRL_EXPERIMENTAL_SILENCE="1"))
 
 
 def main(argv=None) -> int:
@@ -165,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default=CSV, help="CSV to append to ('' for none; default: %(default)s)")
     ap.add_argument("--case", help=argparse.SUPPRESS)        # internal: run one case, print its JSON
     a = ap.parse_args(argv)
+    if not 0 <= a.prompt < (3 * a.seq) // 4:
+        # rows lose up to a quarter of seq to padding: a prompt this long would leave a row without loss tokens
+        ap.error(f"--prompt={a.prompt} must be in [0, 3/4 of --seq = {(3 * a.seq) // 4}) so every row has loss tokens")
     if a.case:
         print(json.dumps(run_case(json.loads(a.case))))
         return 0
@@ -182,7 +175,7 @@ def main(argv=None) -> int:
                         beta=a.beta, threads=a.threads, reps=a.reps, warmup=a.warmup, seed=a.seed)
             res = _run_in_subprocess(spec, a.timeout)
             got[impl] = res
-            row = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": _machine(),
+            row = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": step_runs.machine(),
                    "torch": torch.__version__, "trl": _trl_version(), **spec, **res}
             rows.append(row)
             if res.get("status") != "ok":
@@ -197,27 +190,8 @@ def main(argv=None) -> int:
                   f"{res['cpu_s_median']:.2f} | {res['peak_extra_mib']:.0f} MiB | {res['loss']:.6f} | {speed} | {mem} | "
                   f"{res['load_before']:.1f}-{res['load_after']:.1f} |", flush=True)
     if a.csv:
-        os.makedirs(os.path.dirname(a.csv), exist_ok=True)
-        keys = sorted({k for r in rows for k in r})
-        new = not os.path.exists(a.csv)
-        if not new:
-            with open(a.csv) as f:
-                keys = next(csv.reader(f), keys)
-        with open(a.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        step_runs.append_csv(a.csv, rows)
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
-
-
-def _machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return f"{name or platform.machine()}, {os.cpu_count()} logical cores"
 
 
 def _trl_version() -> str:

@@ -206,3 +206,24 @@ def test_kd_cache_step_measures_both_teachers_on_the_same_batch(tmp_path):
         assert r["machine"] and r["commit"] and r["same_tokens_every_step"] == "True"
     assert rows["live"]["tokens"] == rows["cache"]["tokens"] == rows["live"]["cache_rows"]   # one batch, all of it
     assert 8 * 6 <= float(rows["cache"]["cache_bytes_per_token"]) < 8 * 6 + 40             # k x (int32 + fp16)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TRL: python -m bench.trl_step at a tiny size (one GKD step, TRL's loss and the fused one, each in its own process)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_trl_step_measures_both_losses_on_the_same_inputs(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "trl_step.csv"
+    proc = subprocess.run([sys.executable, "-m", "bench.trl_step", "--vocab", "512", "--batch", "2", "--seq", "64",
+                           "--prompt", "16", "--reps", "1", "--threads", "1", "--csv", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    with open(out, newline="") as f:
+        rows = {r["impl"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"trl", "fused"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert float(r["tokens_per_s"]) > 0 and float(r["median_ms"]) > 0 and float(r["peak_extra_mib"]) >= 0
+        assert int(r["loss_tokens"]) > 0 and r["machine"]
+    # the same inputs through TRL's generalized_jsd_loss and fused_divergence(jsd): fp32 round-off apart
+    assert float(rows["fused"]["loss"]) == pytest.approx(float(rows["trl"]["loss"]), rel=1e-4)

@@ -70,7 +70,7 @@ def _user_error(e: BaseException) -> bool:
     from .native import NativeBuildError
 
     return isinstance(e, (ValueError, OSError, ImportError, NativeBuildError)) or type(e).__name__ in (
-        "OutOfMemoryError", "DemoError")
+        "OutOfMemoryError", "DemoError", "TrainingError")
 
 
 def describe(e: BaseException) -> str:

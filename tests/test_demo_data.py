@@ -190,7 +190,7 @@ def test_files_load_in_the_distillation_data_code(data_dir, tok):
     for ex, record in zip(examples, read_jsonl(data_dir / "valid.jsonl")):
         assert ex.prompt + record["response"] in trained_on
         assert ex.prompt == format_prompt(record["instruction"], record["context"])
-    assert dropped == 0 and len(examples) == SIZES["valid"]
+    assert not dropped and len(examples) == SIZES["valid"]
     assert all(e.response_ids[-1] == tok.eos_token_id for e in examples)
     assert len(read_documents(str(data_dir / "pretrain.txt"))) == PT_LINES
 

@@ -124,7 +124,9 @@ FULL = Schedule(
                  warmup_steps=8, eval_interval=32, pt_batch_size=8),
     # KD's schedule (300 steps reached only 15 test Rouge-L, with okd_lr 3e-3 or 5e-4)
     okd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
-    cbd_link=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
+    # the chain's links: half of KD's steps, validated by loss alone (no sampling), to keep the demo within 15 min
+    cbd_link=dict(batch_size=16, total_iters=300, lr=3e-3, warmup_steps=30, eval_interval=100, eval_generate=False,
+                  select_metric="loss"),
 )
 
 QUICK = Schedule(
@@ -141,7 +143,8 @@ QUICK = Schedule(
     minillm=dict(batch_size=8, num_rollouts=8, rollout_batch_size=8, ppo_epochs=1, total_iters=2, lr=5e-4,
                  warmup_steps=1, eval_interval=1, pt_batch_size=4),
     okd=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15),
-    cbd_link=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15),
+    cbd_link=dict(batch_size=8, total_iters=30, lr=3e-3, warmup_steps=5, eval_interval=15, eval_generate=False,
+                  select_metric="loss"),
     eval_batch_size=20,
 )
 
@@ -691,7 +694,8 @@ class DemoRun:
         _write_yaml(chain_yaml, cbd.chain_config(
             teacher=p.teacher, tokenizer=p.tokenizer, output_dir=p.chain,
             anchor_dirs={a: p.cbd_config(a) for a in cbd.ANCHORS}, common=self.common, link=self.sched.cbd_link))
-        jobs = [Job("cbd_chain", "train", ["chain", "--config", str(chain_yaml)], deps=["teacher"], cost=70.0,
+        # on the critical path (teacher -> chain -> init -> KD -> evaluation): first in line after the teacher
+        jobs = [Job("cbd_chain", "train", ["chain", "--config", str(chain_yaml)], deps=["teacher"], cost=200.0,
                     cached=cached, after=functools.partial(self.cache.store, "cbd_chain", key))]
         if cached:
             self._record_cached("cbd_chain", "train")
@@ -704,7 +708,7 @@ class DemoRun:
             deps = ["teacher"] + ([] if name == "cbd_scratch" else [f"init_{name}"])
             values = dict(self.sched.kd, method="kd", student=str(p.init(name)), teacher=str(p.teacher),
                           eval_on_start=True)
-            jobs.append(self._distill_job(name, values, deps, 40.0))
+            jobs.append(self._distill_job(name, values, deps, 55.0))
             jobs.append(self._eval_job(f"{name}_init", p.init(name), deps[1:], 5.0))
         return jobs
 

@@ -36,6 +36,7 @@ Outputs (rank 0): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/step_*.pt``,
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -49,7 +50,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as D
-from . import fsdp, heads, losses, models, ranks, rollout
+from . import faults, fsdp, heads, losses, models, ranks, rollout
 from .config import ConfigError, DistillConfig, dump_yaml, needs_teacher
 
 _MIX = 1_000_003
@@ -160,6 +161,10 @@ class Trainer:
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         if self.main:
+            # before any model is loaded: a folder that cannot be written fails here, not at the first checkpoint
+            faults.check_writable(self.run_dir)
+            for path in faults.remove_stale_temporaries(self.run_dir, self.ckpt_dir):
+                self.log(f"removed {path}, left by a save that was killed")
             if cfg.resume is False:     # overwrite=true (the config refuses earlier checkpoints otherwise)
                 for _, path in ckpt.list_checkpoints(self.ckpt_dir):
                     os.unlink(path)
@@ -229,6 +234,7 @@ class Trainer:
         self.step = 0
         self.best: Optional[float] = None
         self.resumed_from: Optional[str] = None
+        self.guard = faults.NonFiniteGuard(cfg.max_bad_steps)
 
     # ------------------------------------------------------------------------------------------------------------------
     # helpers for the methods
@@ -245,7 +251,8 @@ class Trainer:
                                                 require_response=require_response, max_length=cfg.max_length,
                                                 max_prompt_length=cfg.max_prompt_length)
         if dropped and log_as:
-            self.log(f"{log_as}: dropped {dropped} prompt(s) over max_prompt_length={cfg.max_prompt_length}")
+            self.log(f"{log_as}: dropped {len(dropped)} of {len(examples) + len(dropped)} prompt(s) longer than "
+                     f"max_prompt_length={cfg.max_prompt_length} tokens: {D.describe_lines(path, dropped)}")
         return examples
 
     def to_device(self, batch: dict) -> dict:
@@ -335,11 +342,17 @@ class Trainer:
         gradients; returns the norm before clipping."""
         # max_norm=inf measures the norm without clipping; under FSDP the norm is a DTensor over all shards
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf)
-        norm = fsdp.full_tensor(norm)
+        norm = float(fsdp.full_tensor(norm))      # the same on every rank: the gradients are already reduced
+        if not self.guard.allows(norm):
+            # a NaN or inf gradient never reaches the weights (nor, through them, a checkpoint): drop it, keep the
+            # schedule in step with the step counter
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            return norm
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def optimizer_step(self) -> tuple[float, float]:
         """The student's optimiser step (after the ``after_backward`` hook): ``(grad_norm, lr used)``."""
@@ -463,9 +476,19 @@ class Trainer:
             state = {"version": 1, "step": self.step, "world_size": self.world, "config": self.cfg.to_dict(),
                      "parallel": "fsdp" if self.fsdp else "ddp", "model": model_state, "optimizer": optim_state,
                      "scheduler": self.scheduler.state_dict(), "rng": rngs, "best": self.best,
-                     "train_stream": self.train_stream.state_dict(), **method_state}
+                     "train_stream": self.train_stream.state_dict(), "nonfinite": self.guard.state_dict(),
+                     **method_state}
+            bad = faults.first_non_finite(model_state)
+            if bad is not None:     # the guard keeps them out; this is the last line of defence
+                raise faults.TrainingError(f"step {self.step}: the student's {bad} holds NaN or inf: not checkpointed; "
+                                           f"the last good checkpoint is {ckpt.latest(self.ckpt_dir)}")
             path = ckpt.path_for(self.ckpt_dir, self.step)
-            ckpt.atomic_save(state, path)
+            try:
+                ckpt.atomic_save(state, path)
+            except OSError as e:    # a full disk, a folder gone read-only: the earlier checkpoints are untouched
+                raise faults.TrainingError(f"step {self.step}: writing the checkpoint {path} failed ({e}); the "
+                                           f"earlier checkpoints are intact (latest: {ckpt.latest(self.ckpt_dir)}): "
+                                           f"free space and run again with resume=true") from None
             ckpt.prune(self.ckpt_dir, self.cfg.keep_checkpoints)
         ranks.barrier()
         return path
@@ -484,6 +507,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.best = int(state["step"]), state["best"]
         self.train_stream.load_state_dict(state["train_stream"])
+        self.guard.load_state_dict(state.get("nonfinite"))
         self.method.load_state_dict(state)
         same_world = state["world_size"] == self.world
         rng = state["rng"][self.rank] if same_world else state["rng"][0]
@@ -494,9 +518,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.resumed_from = path
         if self.main:   # drop metrics logged after the checkpoint (the resumed run writes them again)
-            kept = [line for line in _read_lines(self.metrics_path) if json.loads(line).get("step", 0) <= self.step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(kept)
+            kept = [line for line in _read_lines(self.metrics_path) if _record_step(line) <= self.step]
+            # a new file swapped in: a kill during this rewrite leaves the old file or the new one, never a part
+            ckpt.atomic_write_text(self.metrics_path, "".join(kept))
         ranks.barrier()
 
     def _maybe_resume(self) -> None:
@@ -538,11 +562,16 @@ class Trainer:
             # the initial student's validation numbers (what a run starts from); not a best/ candidate: best/ is a
             # trained checkpoint
             self._write_metrics({"step": 0, **self.evaluate()})
+        latest = functools.partial(ckpt.latest, self.ckpt_dir)
+        preempt = faults.Preemption(cfg.preempt_timeout, latest, self.log)
         try:
+            preempt.__enter__()
             while self.step < self.total_iters:
                 t0 = time.perf_counter()
                 metrics = self.method.step()
                 self.step += 1
+                if self.guard.end_step(self.step, latest) or self.guard.total:
+                    metrics["train/skipped_steps"] = self.guard.total    # non-finite steps so far, none applied
                 elapsed = time.perf_counter() - t0
                 seen = metrics.pop("_seen")
                 metrics["time/step_s"] = elapsed
@@ -561,12 +590,26 @@ class Trainer:
                     last = {**rec, **ev}
                 if "after_step" in self.hooks:
                     self.hooks["after_step"](self, rec)
+                saved = None
                 if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == self.total_iters:
-                    self.save_checkpoint()
+                    saved = self.save_checkpoint()
+                if self._stop_requested(preempt) and self.step < self.total_iters:
+                    saved = saved or self.save_checkpoint()
+                    self.log(f"{preempt.requested}: stopped after step {self.step} of {self.total_iters}; checkpoint "
+                             f"{saved or latest()}; run again with resume=true to continue")
+                    return {**last, "preempted": preempt.requested, "checkpoint": saved or latest()}
         finally:
+            preempt.__exit__(None, None, None)
             bar.close()
         self._finish()
         return last
+
+    def _stop_requested(self, preempt: "faults.Preemption") -> bool:
+        """Whether any rank got SIGTERM/SIGINT (they stop together: every rank joins the checkpoint's gathers)."""
+        flag = preempt.requested is not None
+        if self.world > 1:
+            flag = self.sum_all([float(flag)])[0] > 0
+        return flag
 
     def _finish(self) -> None:
         cfg = self.cfg
@@ -594,7 +637,20 @@ class Trainer:
 
 
 def _read_lines(path: str) -> list[str]:
+    """The complete records of a metrics file, each ending in a newline: a line torn by a kill mid-write (the last
+    one, or one a later append ran on into) does not parse and is dropped; the resumed run writes its step again."""
     if not os.path.exists(path):
         return []
+    out = []
     with open(path) as f:
-        return [line for line in f if line.strip()]
+        for line in f:
+            try:
+                if isinstance(json.loads(line), dict):
+                    out.append(line if line.endswith("\n") else line + "\n")
+            except ValueError:
+                continue
+    return out
+
+
+def _record_step(line: str) -> int:
+    return int(json.loads(line).get("step", 0))

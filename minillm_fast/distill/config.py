@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -160,6 +161,10 @@ class DistillConfig:
     no_repeat_ngram_size: int = _field(6, "final evaluation only (model.generate)")
     # --- run -----------------------------------------------------------------------------------------------------
     log_interval: int = _field(1, "optimiser steps between metrics lines")
+    max_bad_steps: int = _field(5, "optimiser steps in a row with a non-finite gradient norm (each skipped: the "
+                                   "weights never see it) before the run stops")
+    preempt_timeout: float = _field(60.0, "seconds after SIGTERM/SIGINT for the step in progress to finish and a "
+                                          "checkpoint to be written; past it the process exits without one")
     save_interval: int = _field(500, "optimiser steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _field(2, "newest checkpoints kept")
     resume: Any = _field(False, "false | true (latest checkpoint in output_dir) | a checkpoint path")
@@ -277,14 +282,14 @@ class DistillConfig:
             _int(key, getattr(self, key), minimum=0)
         for key in ("max_length", "max_prompt_length", "batch_size", "epochs", "num_rollouts", "rollout_batch_size",
                     "ppo_epochs", "pt_batch_size", "max_new_tokens", "eval_batch_size", "eval_max_new_tokens",
-                    "log_interval", "keep_checkpoints"):
+                    "log_interval", "keep_checkpoints", "max_bad_steps"):
             _int(key, getattr(self, key), minimum=1)
         for key in ("warmup_steps", "save_interval", "no_repeat_ngram_size", "top_k"):
             _int(key, getattr(self, key), minimum=0)
         for key in ("total_iters", "micro_batch_size", "max_train_samples", "max_valid_samples", "eval_interval"):
             if getattr(self, key) is not None:
                 _int(key, getattr(self, key), minimum=1)
-        for key in ("lr", "temperature", "adam_eps"):
+        for key in ("lr", "temperature", "adam_eps", "preempt_timeout"):
             _number(key, getattr(self, key), low=0.0, low_open=True)
         for key in ("lr_min", "weight_decay", "grad_clip", "lm_coef"):
             _number(key, getattr(self, key), low=0.0)
@@ -465,8 +470,8 @@ def _int(key: str, value, *, minimum: int) -> None:
 
 
 def _number(key: str, value, *, low=None, high=None, low_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ConfigError(f"{key}={value!r} must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
     if low is not None and (value < low or (low_open and value == low)):
         raise ConfigError(f"{key}={value!r} must be {'>' if low_open else '>='} {low}")
     if high is not None and value > high:

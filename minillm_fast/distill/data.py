@@ -58,8 +58,9 @@ class TokenizedExample:
 Example = TokenizedExample      # the former name (distill/evaluate.py imports it)
 
 
-def read_jsonl(path) -> list[dict]:
-    """The JSON objects of a JSON-lines file, one a line (blank lines skipped); errors name the file and line."""
+def read_jsonl(path, *, with_lines: bool = False) -> list:
+    """The JSON objects of a JSON-lines file, one a line (blank lines skipped); errors name the file and line.
+    ``with_lines``: ``(line number, object)`` pairs instead, for errors about a record's contents."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
@@ -75,7 +76,7 @@ def read_jsonl(path) -> list[dict]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+            records.append((lineno, rec) if with_lines else rec)
     return records
 
 
@@ -98,22 +99,28 @@ def record_prompt_and_references(rec: dict, where: str = "record") -> tuple[str,
 
 
 def load_instructions(path: str, tokenizer, *, max_length: int, max_prompt_length: int,
-                      max_samples: Optional[int] = None, require_response: bool = True) -> tuple[list, int]:
-    """Tokenised examples of a JSONL file and the number of prompts dropped for being too long."""
-    records = read_jsonl(path)
+                      max_samples: Optional[int] = None, require_response: bool = True) -> tuple[list, list]:
+    """Tokenised examples of a JSONL file and the line numbers of the prompts dropped for being longer than
+    ``max_prompt_length`` tokens. A record without a prompt, or (``require_response``) without a response, is an
+    error naming its file and line (an empty response is allowed: a teacher's SeqKD answer may be EOS alone)."""
+    records = read_jsonl(path, with_lines=True)
+    if not records:
+        raise ValueError(f"{path}: no records (the file is empty or blank): one JSON object a line, with "
+                         f"'instruction' (or 'prompt') and 'response'")
     if max_samples is not None:
         records = records[:max_samples]
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no eos_token; set one (responses end with EOS)")
-    examples, dropped = [], 0
-    for i, rec in enumerate(records):
-        prompt, refs = record_prompt_and_references(rec, f"{path}: record {i}")
+    examples, dropped = [], []
+    for lineno, rec in records:
+        prompt, refs = record_prompt_and_references(rec, f"{path}:{lineno}")
         if require_response and not refs:
-            raise ValueError(f"{path}: record {i} has no 'response' (or 'output') field")
+            raise ValueError(f"{path}:{lineno}: no 'response' (or 'output') field; every training and validation "
+                             f"record needs one")
         prompt_ids = tokenizer(prompt)["input_ids"]
         if len(prompt_ids) > max_prompt_length:
-            dropped += 1
+            dropped.append(lineno)
             continue
         response_ids = []
         if refs:
@@ -122,9 +129,15 @@ def load_instructions(path: str, tokenizer, *, max_length: int, max_prompt_lengt
         examples.append(TokenizedExample(prompt=prompt, prompt_ids=list(prompt_ids), response_ids=list(response_ids),
                                          references=refs))
     if not examples:
-        raise ValueError(f"{path}: no usable example ({dropped} prompt(s) longer than max_prompt_length="
-                         f"{max_prompt_length} tokens were dropped)")
+        raise ValueError(f"{path}: no usable example ({len(dropped)} prompt(s) longer than max_prompt_length="
+                         f"{max_prompt_length} tokens were dropped, {describe_lines(path, dropped)})")
     return examples, dropped
+
+
+def describe_lines(path: str, lines: Sequence[int], most: int = 5) -> str:
+    """``"file:3, file:17, ... (+4 more)"``: where the records are, for a message."""
+    shown = ", ".join(f"{path}:{n}" for n in lines[:most])
+    return shown + (f" (+{len(lines) - most} more)" if len(lines) > most else "")
 
 
 def write_jsonl(path: str, records: Sequence[dict]) -> None:

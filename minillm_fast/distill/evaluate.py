@@ -188,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
 
-    from .data import load_instructions, read_jsonl
+    from .data import describe_lines, load_instructions, read_jsonl
     from .models import ModelLoadError, load_model, load_tokenizer, pick_device
 
     try:
@@ -203,7 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             examples, dropped = load_instructions(args.data, tokenizer, max_length=args.max_length,
                                                   max_prompt_length=args.max_prompt_length)
             if dropped:
-                print(f"evaluate: dropped {dropped} prompt(s) longer than {args.max_prompt_length} tokens",
+                print(f"evaluate: dropped {len(dropped)} prompt(s) longer than {args.max_prompt_length} tokens: "
+                      f"{describe_lines(args.data, dropped)}",
                       file=sys.stderr)
             if args.predictions is not None:
                 results = score_predictions(read_jsonl(args.predictions), examples)

@@ -219,7 +219,7 @@ def build(teacher_path: str, data_path: str, out: str, *, tokenizer_path: Option
     config_json = json.dumps(teacher.config.to_dict(), sort_keys=True, default=str).encode()
     manifest = {"version": VERSION, "teacher": os.path.abspath(teacher_path), "teacher_class": type(teacher).__name__,
                 "teacher_config_sha256": _sha256(config_json), "top_k": top_k, "temperature": float(temperature),
-                "logprob_dtype": dtype, "n_examples": len(examples), "dropped_prompts": dropped,
+                "logprob_dtype": dtype, "n_examples": len(examples), "dropped_prompts": len(dropped),
                 **identity(tokenizer, data_path, max_length=max_length, max_prompt_length=max_prompt_length),
                 "shards": [], "complete": False}
     os.makedirs(out, exist_ok=True)

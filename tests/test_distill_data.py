@@ -30,7 +30,7 @@ def test_load_drop_eos_and_collate(tmp_path):
             {"prompt": "### Response:\n", "response": ["a", "b"]}]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
     ex, dropped = D.load_instructions(str(path), tok, max_length=72, max_prompt_length=64)
-    assert dropped == 1 and len(ex) == 3                       # the 200-word prompt is dropped, not cut
+    assert dropped == [3] and len(ex) == 3                     # the 200-word prompt (line 3) is dropped, not cut
     assert ex[0].prompt == D.format_prompt("Reverse the words.", "red blue")
     assert ex[0].prompt_ids == tok(ex[0].prompt)["input_ids"]
     assert ex[0].response_ids == tok("blue red", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

@@ -156,3 +156,17 @@ def test_cbd_rows_start_from_the_chain_and_are_measured_before_and_after(demo_ru
             assert before >= 0 and after >= 0
         assert NUMBER_PM.match(cells[4]) and NUMBER_PM.match(cells[5]), line
     assert "](cbd_valid_loss.png)" in report and (out / "cbd_valid_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_jobs_start_by_their_critical_path():
+    """A job that a chain of others waits on (the CBD chain: initialisations, KD runs, evaluations) outranks a longer
+    job nothing waits for; a job's rank is its cost plus the longest chain of dependents."""
+    from minillm_fast.demo.pipeline import Job, critical_path
+
+    jobs = [Job("teacher", "train", [], cost=100.0), Job("okd", "train", [], deps=["teacher"], cost=60.0),
+            Job("chain", "train", [], deps=["teacher"], cost=50.0), Job("init", "init", [], deps=["chain"], cost=2.0),
+            Job("cbd", "train", [], deps=["init", "teacher"], cost=45.0),
+            Job("eval_cbd", "eval", [], deps=["cbd"], cost=5.0)]
+    rank = critical_path(jobs)
+    assert rank == {"teacher": 202.0, "okd": 60.0, "chain": 102.0, "init": 52.0, "cbd": 50.0, "eval_cbd": 5.0}
+    assert rank["chain"] > rank["okd"]            # the chain starts first when the teacher is done

@@ -10,9 +10,9 @@ anchors            ``cbd/configs/anchor_mid`` and ``anchor_small`` (config.json)
 chain (job)        ``minillm-fast chain --config configs/cbd_chain.yaml``: teacher -> anchor_mid -> anchor_small,
                    each link KD on the schedule's ``cbd_link`` keys, each anchor starting from its predecessor
                    mapped to its shape; folder ``cbd/chain`` (``chain.json``, ``anchors/``)
-the student        ``SHAPES["quick_cbd_student"]`` (96 / 2 / 3, 0.39M): between the two anchors in size, so that
-                   its initialisation interpolates both (depth 3 -> 2 from anchor_mid, width 64 -> 96 from
-                   anchor_small)
+the student        ``SHAPES["quick_cbd_student"]`` (64 / 3 / 2, 0.27M): between the two anchors in size, so that
+                   its initialisation maps both (width 96 -> 64 from anchor_mid, depth 2 -> 3 from
+                   anchor_small) before interpolating them
 inits (jobs)       ``cbd``: ``minillm-fast init --chain cbd/chain`` (both neighbours mapped to its shape,
                    ``a`` from the parameter counts); ``cbd_nearest``: the same with ``--alpha`` 0 or 1, the
                    nearer anchor alone; ``cbd_scratch``: the config at a random initialisation (written in the

@@ -18,7 +18,7 @@ default data and ``vocab_size=2048``; the tied embedding, ``vocab x width``, is 
 ``quick_teacher``      128 / 3 / 4  0.86M  0.83M  ``quick=True``: a two-minute smoke run
 ``quick_student``      64 / 2 / 2   0.23M  0.22M
 ``quick_anchor``       96 / 3 / 3   0.53M  0.50M  CBD (demo/cbd.py): the anchor between those two
-``quick_cbd_student``  96 / 2 / 3   0.42M  0.39M  CBD: a student between that anchor and quick_student
+``quick_cbd_student``  64 / 3 / 2   0.28M  0.27M  CBD: a student between that anchor and quick_student
 ``anchor``             192 / 5 / 6  2.62M  2.56M  CBD at the default shapes (the demo uses quick ones)
 ``cbd_student``        160 / 4 / 5  1.57M  1.53M
 =====================  ===========  =====  =====  ====================================================
@@ -58,7 +58,7 @@ SHAPES: Dict[str, Shape] = {
     "quick_student": Shape(hidden=64, layers=2, heads=2),
     # chain-based distillation (demo/cbd.py): head width 32 throughout, so that heads map one to one
     "quick_anchor": Shape(hidden=96, layers=3, heads=3),
-    "quick_cbd_student": Shape(hidden=96, layers=2, heads=3),
+    "quick_cbd_student": Shape(hidden=64, layers=3, heads=2),
     "anchor": Shape(hidden=192, layers=5, heads=6),
     "cbd_student": Shape(hidden=160, layers=4, heads=5),
 }

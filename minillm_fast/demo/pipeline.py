@@ -20,7 +20,7 @@ students   SFT, KD, SeqKD and OKD of the student (best by validation Rouge-L, as
            initialised from the SFT checkpoint of lowest validation loss (paper, appendix B.1), and its three
            ablations: ``length_norm=false``, ``alpha=0``, ``single_step=false``
 cbd        chain-based distillation (demo/cbd.py): a chain teacher -> anchor (0.50M) -> anchor (the students'
-           size) by KD links, a 0.39M student initialised by interpolating the two anchors, from the nearer anchor
+           size) by KD links, a 0.27M student initialised by interpolating the two anchors, from the nearer anchor
            alone, and at random, each then trained by KD on KD's schedule; evaluated before and after
 eval       every model on the test split, seeds 10 20 30 40 50 (``minillm-fast evaluate``: sampling at temperature
            1, ``no_repeat_ngram_size=6``, Rouge-L and exact match, max over references)
@@ -125,7 +125,7 @@ FULL = Schedule(
     # KD's schedule (300 steps reached only 15 test Rouge-L, with okd_lr 3e-3 or 5e-4)
     okd=dict(batch_size=16, total_iters=600, lr=3e-3, warmup_steps=30, eval_interval=100),
     # the chain's links: half of KD's steps, validated by loss alone (no sampling), to keep the demo within 15 min
-    cbd_link=dict(batch_size=16, total_iters=300, lr=3e-3, warmup_steps=30, eval_interval=100, eval_generate=False,
+    cbd_link=dict(batch_size=16, total_iters=200, lr=3e-3, warmup_steps=20, eval_interval=100, eval_generate=False,
                   select_metric="loss"),
 )
 
@@ -223,14 +223,34 @@ def _running_status(running: Sequence[Job]) -> str:
     return ", ".join(f"{j.name} {100 * j.progress():.0f}%" if j.kind == "train" else j.name for j in running)
 
 
+def critical_path(jobs: Sequence[Job]) -> Dict[str, float]:
+    """Each job's cost plus the longest chain of costs that waits on it: the order to start ready jobs in (a short job
+    that a long chain depends on, such as a CBD initialisation, goes before a long job that nothing waits for)."""
+    dependents: Dict[str, List[str]] = {j.name: [] for j in jobs}
+    for j in jobs:
+        for d in j.deps:
+            dependents.setdefault(d, []).append(j.name)
+    cost = {j.name: j.cost for j in jobs}
+    memo: Dict[str, float] = {}
+
+    def path(name: str) -> float:
+        if name not in memo:
+            memo[name] = cost.get(name, 0.0) + max((path(d) for d in dependents.get(name, [])), default=0.0)
+        return memo[name]
+
+    return {j.name: path(j.name) for j in jobs}
+
+
 def run_jobs(jobs: List[Job], *, n_parallel: int, threads: int, log_dir: Path, timings: Dict[str, dict],
              say=print) -> None:
-    """Run ``jobs`` (subprocesses) respecting their dependencies, ``n_parallel`` at a time, longest first. On a
+    """Run ``jobs`` (subprocesses) respecting their dependencies, ``n_parallel`` at a time, longest critical path
+    first (``critical_path``). On a
     terminal a tqdm bar shows the jobs done (fractions from each running run's metrics) and which are running;
     otherwise a status line is printed every 30 s. Each finished job prints a line."""
     from tqdm import tqdm
 
     by_name = {j.name: j for j in jobs}
+    priority = critical_path(jobs)
     pending = [j for j in jobs if not j.cached]
     done = {j.name for j in jobs if j.cached}
     running: List[Job] = []
@@ -244,7 +264,7 @@ def run_jobs(jobs: List[Job], *, n_parallel: int, threads: int, log_dir: Path, t
 
     try:
         while pending or running:
-            ready = sorted((j for j in pending if all(d in done for d in j.deps)), key=lambda j: -j.cost)
+            ready = sorted((j for j in pending if all(d in done for d in j.deps)), key=lambda j: -priority[j.name])
             while ready and len(running) < n_parallel and not any(j.exclusive for j in running):
                 if ready[0].exclusive and running:
                     break                           # let the running jobs finish, then run it alone
@@ -694,8 +714,7 @@ class DemoRun:
         _write_yaml(chain_yaml, cbd.chain_config(
             teacher=p.teacher, tokenizer=p.tokenizer, output_dir=p.chain,
             anchor_dirs={a: p.cbd_config(a) for a in cbd.ANCHORS}, common=self.common, link=self.sched.cbd_link))
-        # on the critical path (teacher -> chain -> init -> KD -> evaluation): first in line after the teacher
-        jobs = [Job("cbd_chain", "train", ["chain", "--config", str(chain_yaml)], deps=["teacher"], cost=200.0,
+        jobs = [Job("cbd_chain", "train", ["chain", "--config", str(chain_yaml)], deps=["teacher"], cost=50.0,
                     cached=cached, after=functools.partial(self.cache.store, "cbd_chain", key))]
         if cached:
             self._record_cached("cbd_chain", "train")
@@ -708,7 +727,7 @@ class DemoRun:
             deps = ["teacher"] + ([] if name == "cbd_scratch" else [f"init_{name}"])
             values = dict(self.sched.kd, method="kd", student=str(p.init(name)), teacher=str(p.teacher),
                           eval_on_start=True)
-            jobs.append(self._distill_job(name, values, deps, 55.0))
+            jobs.append(self._distill_job(name, values, deps, 45.0))
             jobs.append(self._eval_job(f"{name}_init", p.init(name), deps[1:], 5.0))
         return jobs
 

@@ -358,11 +358,7 @@ def main(argv=None) -> int:
                 what = "forward" if impl == "live" else "read"
                 share = (f"{res['teacher_share'] * 100:.0f}% ({what} {_sec(res['teacher_read_ms'])} + KL "
                          f"{_sec(res['kl_ms'])})")
-            ref = got.get("live", {})
-            speed = mem = ""
-            if impl != "live" and ref.get("status") == "ok":
-                speed = f"{res['tokens_per_s'] / ref['tokens_per_s']:.2f}"
-                mem = f"{res['peak_extra_mib'] / ref['peak_extra_mib']:.2f}"
+            speed, mem = step_runs.ratios(res, got.get("live", {})) if impl != "live" else ("", "")
             print(f"| {name} | {res['tokens_per_s']:.0f} ({res['median_ms'] / 1e3:.2f} s) | {share} | "
                   f"{res['peak_extra_mib']:.0f} MiB | {res['resident_mib']:.0f} MiB | {speed} | {mem} |", flush=True)
         print(f"\ncache: {ws['cache_disk_bytes'] / 1e6:.2f} MB on disk for {ws['cache_rows']} response tokens, "

@@ -38,6 +38,14 @@ def run_in_subprocess(module: str, spec: dict, timeout: float, env: dict) -> dic
     return json.loads(lines[-1])
 
 
+def ratios(res: dict, ref: dict) -> tuple[str, str]:
+    """``(speed-up, memory ratio)`` of a case against the reference case's, formatted; empty when the reference did
+    not run."""
+    if ref.get("status") != "ok":
+        return "", ""
+    return (f"{res['tokens_per_s'] / ref['tokens_per_s']:.2f}", f"{res['peak_extra_mib'] / ref['peak_extra_mib']:.2f}")
+
+
 def append_csv(path: str, rows: list) -> None:
     """Append ``rows`` (dicts) to the CSV at ``path``, with the header of the file when it exists (keys it lacks
     are dropped), else with every key of ``rows`` in first-seen order."""

@@ -181,11 +181,7 @@ def main(argv=None) -> int:
             if res.get("status") != "ok":
                 print(f"| {v} | {impl} | {res.get('status')}: {res.get('error', '')} | | | | | | |")
                 continue
-            ref = got.get("trl", {})
-            speed = mem = ""
-            if impl != "trl" and ref.get("status") == "ok":
-                speed = f"{res['tokens_per_s'] / ref['tokens_per_s']:.2f}"
-                mem = f"{res['peak_extra_mib'] / ref['peak_extra_mib']:.2f}"
+            speed, mem = step_runs.ratios(res, got.get("trl", {})) if impl != "trl" else ("", "")
             print(f"| {v} | {impl} | {res['tokens_per_s']:.0f} ({res['tokens_per_s_best']:.0f}) | "
                   f"{res['cpu_s_median']:.2f} | {res['peak_extra_mib']:.0f} MiB | {res['loss']:.6f} | {speed} | {mem} | "
                   f"{res['load_before']:.1f}-{res['load_after']:.1f} |", flush=True)

@@ -144,10 +144,8 @@ def test_preemption_writes_a_checkpoint_and_exits_zero(tmp_path, sig):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.2)
     proc.send_signal(sig)
-    t0 = time.perf_counter()
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=60)          # preempt_timeout's default: the step and the checkpoint fit in it
     assert proc.returncode == 0, err[-3000:]
-    assert time.perf_counter() - t0 < 60
     saved = ckpt.list_checkpoints(str(tmp_path / "run" / "checkpoints"))
     assert len(saved) == 1
     step, path = saved[0]

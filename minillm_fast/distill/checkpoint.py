@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -25,14 +25,15 @@ def path_for(directory: str, step: int) -> str:
     return os.path.join(directory, f"step_{step:08d}.pt")
 
 
-def atomic_save(obj, path: str) -> None:
-    """``torch.save(obj, path)``, all or nothing."""
+def _atomic_replace(path: str, suffix: str, mode: str, write: Callable) -> None:
+    """Write a file by ``write(f)`` into a temporary sibling, fsync it, rename it over ``path`` and fsync the folder:
+    a kill at any moment leaves the old file or the new one, never a part (and ``.tmp-*`` at worst)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,23 +42,16 @@ def atomic_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """``torch.save(obj, path)``, all or nothing."""
+    _atomic_replace(path, ".pt", "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Replace the file ``path`` by one holding ``text``, all or nothing (temporary file, fsync, rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Replace the file ``path`` by one holding ``text``, all or nothing."""
+    _atomic_replace(path, ".txt", "w", lambda f: f.write(text))
 
 
 def _fsync_dir(directory: str) -> None:

@@ -547,7 +547,9 @@ class Trainer:
                 f.write(json.dumps(rec) + "\n")
 
     def train(self) -> dict:
-        """Run to ``total_iters`` optimiser steps (from the checkpoint with ``resume``); returns the last metrics."""
+        """Run to ``total_iters`` optimiser steps (from the checkpoint with ``resume``); returns the last metrics.
+        SIGTERM / SIGINT end it early (faults.Preemption): the last metrics plus ``preempted`` (the signal) and
+        ``checkpoint`` (the one a resume starts from), and no ``final/``."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -557,51 +559,58 @@ class Trainer:
                      f"world size {self.world}, device {self.device}")
         bar = tqdm(total=self.total_iters, initial=self.step, desc=f"distill {cfg.method}", dynamic_ncols=True,
                    disable=not (self.main and cfg.progress_bar), file=sys.stderr)
-        last: dict = {}
         if cfg.eval_on_start and self.step == 0 and self.valid:
             # the initial student's validation numbers (what a run starts from); not a best/ candidate: best/ is a
             # trained checkpoint
             self._write_metrics({"step": 0, **self.evaluate()})
         latest = functools.partial(ckpt.latest, self.ckpt_dir)
-        preempt = faults.Preemption(cfg.preempt_timeout, latest, self.log)
         try:
-            preempt.__enter__()
-            while self.step < self.total_iters:
-                t0 = time.perf_counter()
-                metrics = self.method.step()
-                self.step += 1
-                if self.guard.end_step(self.step, latest) or self.guard.total:
-                    metrics["train/skipped_steps"] = self.guard.total    # non-finite steps so far, none applied
-                elapsed = time.perf_counter() - t0
-                seen = metrics.pop("_seen")
-                metrics["time/step_s"] = elapsed
-                # training tokens (student forward rows, padding excluded) per second, rollout time excluded
-                metrics["time/tokens_per_s"] = seen / max(elapsed - metrics.get("time/rollout_s", 0.0), 1e-9)
-                rec = {"step": self.step, **metrics}
-                if self.step % cfg.log_interval == 0 or self.step == self.total_iters:
-                    self._write_metrics(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
-                last = rec
-                if self.valid and (self.step % self.eval_interval == 0 or self.step == self.total_iters):
-                    ev = self.evaluate()
-                    self._maybe_best(ev)
-                    self._write_metrics({"step": self.step, **ev})
-                    last = {**rec, **ev}
-                if "after_step" in self.hooks:
-                    self.hooks["after_step"](self, rec)
-                saved = None
-                if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == self.total_iters:
-                    saved = self.save_checkpoint()
-                if self._stop_requested(preempt) and self.step < self.total_iters:
-                    saved = saved or self.save_checkpoint()
-                    self.log(f"{preempt.requested}: stopped after step {self.step} of {self.total_iters}; checkpoint "
-                             f"{saved or latest()}; run again with resume=true to continue")
-                    return {**last, "preempted": preempt.requested, "checkpoint": saved or latest()}
+            with faults.Preemption(cfg.preempt_timeout, latest, self.log) as preempt:
+                last = self._steps(bar, preempt, latest)
         finally:
-            preempt.__exit__(None, None, None)
             bar.close()
-        self._finish()
+        if "preempted" not in last:
+            self._finish()
+        return last
+
+    def _steps(self, bar, preempt: "faults.Preemption", latest: Callable[[], Optional[str]]) -> dict:
+        """The optimiser steps to ``total_iters``, each with its metrics, evaluation and checkpoint; after a
+        preemption signal, a checkpoint and an early return. Returns the last metrics."""
+        cfg = self.cfg
+        last: dict = {}
+        while self.step < self.total_iters:
+            t0 = time.perf_counter()
+            metrics = self.method.step()
+            self.step += 1
+            if self.guard.end_step(self.step, latest) or self.guard.total:
+                metrics["train/skipped_steps"] = self.guard.total    # non-finite steps so far, none applied
+            elapsed = time.perf_counter() - t0
+            seen = metrics.pop("_seen")
+            metrics["time/step_s"] = elapsed
+            # training tokens (student forward rows, padding excluded) per second, rollout time excluded
+            metrics["time/tokens_per_s"] = seen / max(elapsed - metrics.get("time/rollout_s", 0.0), 1e-9)
+            rec = {"step": self.step, **metrics}
+            if self.step % cfg.log_interval == 0 or self.step == self.total_iters:
+                self._write_metrics(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+            last = rec
+            if self.valid and (self.step % self.eval_interval == 0 or self.step == self.total_iters):
+                ev = self.evaluate()
+                self._maybe_best(ev)
+                self._write_metrics({"step": self.step, **ev})
+                last = {**rec, **ev}
+            if "after_step" in self.hooks:
+                self.hooks["after_step"](self, rec)
+            saved = None
+            if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == self.total_iters:
+                saved = self.save_checkpoint()
+            if self._stop_requested(preempt) and self.step < self.total_iters:
+                saved = saved or self.save_checkpoint() or latest()
+                signal_name = preempt.requested or "a signal to another rank"
+                self.log(f"{signal_name}: stopped after step {self.step} of {self.total_iters}; checkpoint {saved}; "
+                         f"run again with resume=true to continue")
+                return {**last, "preempted": signal_name, "checkpoint": saved}
         return last
 
     def _stop_requested(self, preempt: "faults.Preemption") -> bool:

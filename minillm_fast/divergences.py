@@ -162,8 +162,13 @@ def _log_rest(log_mass: torch.Tensor) -> torch.Tensor:
     stand-in there, since ``log(1 - e^0)`` has an infinite derivative and 0 x inf would be NaN."""
     x = log_mass.clamp(max=0.0)
     above = x < -TAIL_FLOOR                      # 1 - e^x > ~TAIL_FLOOR
-    safe = torch.where(above, x, torch.full_like(x, -1.0))
-    rest = torch.where(safe > -math.log(2.0), torch.log(-torch.expm1(safe)), torch.log1p(-torch.exp(safe)))
+    stand_in = torch.full_like(x, -1.0)
+    safe = torch.where(above, x, stand_in)
+    # each branch of the switch sees only inputs it is finite at: torch.where differentiates both, and the branch not
+    # taken still multiplies its derivative by 0 (log1p(-e^x) at x = -3e-8 rounds e^x to 1 in fp32: 0 x inf = NaN)
+    near = safe > -math.log(2.0)
+    rest = torch.where(near, torch.log(-torch.expm1(torch.where(near, safe, stand_in))),
+                       torch.log1p(-torch.exp(torch.where(near, stand_in, safe))))
     return torch.where(above, rest.clamp(min=math.log(TAIL_FLOOR)), torch.full_like(x, math.log(TAIL_FLOOR)))
 
 

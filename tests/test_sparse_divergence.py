@@ -231,3 +231,20 @@ def test_bad_input_names_it(what, match, gen):
         kw["divergence"] = "tvd"
     with pytest.raises((ValueError, TypeError), match=match):
         sparse_divergence(x["student_hidden"], x["student_weight"], ids, lp, student_bias=x["student_bias"], **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_tail_log_has_a_finite_gradient_next_to_zero(dtype):
+    """log(1 - e^x) for a top-k log-mass x just below 0 (the whole mass up to rounding: float32 K = V rows give
+    x = -2^-25, where e^x rounds to 1): finite value and gradient at every x <= 0, on both sides of the switch at
+    -log 2 and at the floor. Both branches of the switch are differentiated; the one not taken saw e^x = 1 (NaN)."""
+    from minillm_fast.divergences import TAIL_FLOOR, _log_rest
+
+    x = torch.tensor([-2.0 ** -25, -1e-8, -1e-6, -0.5, -math.log(2.0), -0.9, -30.0, -1e-30, 0.0], dtype=dtype, requires_grad=True)
+    y = _log_rest(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all(), (y, g)
+    expected = torch.log(-torch.expm1(x.detach().double())).clamp(min=math.log(TAIL_FLOOR))
+    keep = x.detach() < -TAIL_FLOOR
+    assert torch.allclose(y.double()[keep], expected[keep], rtol=1e-6 if dtype == torch.float32 else 1e-12)
+    assert (g[~keep] == 0).all() and (y[~keep] == math.log(TAIL_FLOOR)).all()

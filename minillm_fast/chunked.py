@@ -300,3 +300,63 @@ def run(hs, ws, bs, ht, wt, bt, cfg: DivergenceConfig, *, rows: Rows, chunk_size
         if g_t is not None:
             teacher.add(chunk, g_t)
     return loss, stats, (*student.result(), *teacher.result())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the sparse divergence (minillm_fast/ops/sparse_divergence.py): one model against stored outcomes
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SparseRows:
+    """A backend's two row functions of the sparse divergence, on a chunk's raw logits ``z [C, V]`` (row-major):
+
+    * ``stats(z, scaling) -> [C, 2]``: each row's max ``M`` and ``log L = log sum e^(s - M)`` of ``s = scaling(z)``,
+      z left as it is;
+    * ``grad(z, stats, a [C], scaling)``: overwrite z with ``-a q ds/dz`` (``q = e^(s - M - log L)``), the gradient of
+      ``-a log sum e^s``."""
+
+    stats: Callable
+    grad: Callable
+
+
+def sparse_run(h, w, b, ids: torch.Tensor, outcome: Callable, scaling: Scaling, vocab_size: int, *,
+               rows: SparseRows, chunk_size: int, row_grad: Optional[torch.Tensor], needs: tuple):
+    """The sparse divergence in one sweep over the rows, with its gradients when ``row_grad`` is given.
+
+    h [N, H], w [V_pad, H], b [V_pad] | None; ids [N, K] int64 in [0, V) (padding already replaced); ``outcome(rows,
+    lq [C, K]) -> [C]``: the per-row divergence from the student's log-probs at the ids (differentiable PyTorch on
+    ``[C, K]``); row_grad [N] | None: the weight of each row in the loss whose gradients are made (rows of weight 0
+    get none); needs: which of (h, w, b) want one. Returns ``per_row [N]`` and the three gradients (None where not
+    needed).
+
+    Per chunk the logits ``z [C, V]`` are made once: their log-normaliser (``rows.stats``), the student's log-probs at
+    the ids ``lq = (s_k - M) - log L``, the divergence, and ``g = dL/dlq`` by autograd on ``[C, K]``; then
+    ``dL/ds = scatter(g) - (sum_k g_k) q`` is written over the logits (``rows.grad``, then the scatter) and goes
+    straight into the gradient matmuls: three matmuls in all, where a log-normaliser swept in the forward and again in
+    the backward costs four. Called under ``torch.no_grad()`` (it turns autograd on for the ``[C, K]`` part only)."""
+    n = h.shape[0]
+    f = out_dtype(h)
+    per_row = torch.empty(n, dtype=f, device=h.device)
+    heads = HeadGrads(h, w, b, needs if row_grad is not None else (False, False, False), vocab_size)
+    logits = ChunkLogits(w, b, vocab_size, min(chunk_size, n), f)
+    for chunk in row_chunks(n, chunk_size):
+        z = logits(h[chunk])
+        ids_c = ids[chunk]
+        z_ids = z.gather(1, ids_c)  # raw, before the row functions overwrite z
+        s_ids, cap_ids = scaling.apply(z_ids)
+        stats = rows.stats(z, scaling)
+        lq = (s_ids - stats[:, :1]) - stats[:, 1:]
+        if row_grad is None or not heads.any:
+            per_row[chunk] = outcome(chunk, lq)
+            continue
+        rg = row_grad[chunk].to(f)
+        with torch.enable_grad():
+            lq = lq.requires_grad_(True)
+            per = outcome(chunk, lq)
+            weighted = torch.where(rg != 0, per * rg, torch.zeros_like(per)).sum()
+            (g_lq,) = torch.autograd.grad(weighted, lq)
+        per_row[chunk] = per.detach()
+        rows.grad(z, stats, g_lq.sum(-1), scaling)  # z := -(sum_k g_k) q ds/dz
+        ds_dz = torch.full_like(g_lq, scaling.inv_temp) if cap_ids is None else scaling.inv_temp * (1 - cap_ids ** 2)
+        z.scatter_add_(1, ids_c, g_lq * ds_dz)
+        heads.add(chunk, z)
+    return per_row, heads.result() if row_grad is not None else (None, None, None)

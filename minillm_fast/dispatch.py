@@ -22,6 +22,7 @@ kernels, and so Triton itself; the native module builds the extension only when 
 | ``token_logprobs_fwd`` / ``token_logprobs_bwd`` | log q(y), softmax statistics, entropy; their gradients |
 | ``rollout_statistics`` | log q(y), log p(y), KL(q || p) |
 | ``mixture_sample`` | one draw per row from alpha p + (1 - alpha) q (q alone without a teacher) |
+| ``sparse_divergence`` | a student against stored top-k outcomes, one sweep with its gradients (torch, native) |
 
 (1) The CUDA row kernels of csrc/cuda (minillm_fast/native_cuda.py) compile and pass their host-emulation tests, but
 have not run on a GPU yet, so ``native`` does not route CUDA tensors to them: this is the one place that says so.
@@ -34,6 +35,7 @@ Hops from a public function to the code that does the arithmetic (each arrow a c
     token_logprobs              -> custom op -> backend function (torch: PyTorch; native: chunk loop -> C++;
                                                                   triton: launcher -> kernel)
     rollout_statistics, mixture_sample, sample_tokens: as token_logprobs
+    sparse_divergence (torch, native) -> chunked.sparse_run -> row functions (torch: PyTorch; native: C++ op)
 
 so at most four (triton chunked and tiled, native chunked); docs/design.md section 8 has the list.
 """
@@ -51,7 +53,7 @@ BACKENDS = ("triton", "native", "torch")
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "MINILLM_FAST_BACKEND"
 OPS = ("fused_divergence", "fused_divergence_tiled", "token_logprobs_fwd", "token_logprobs_bwd",
-       "rollout_statistics", "mixture_sample")
+       "rollout_statistics", "mixture_sample", "sparse_divergence")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -70,6 +72,11 @@ def implementation(op: str, backend: str) -> Callable:
         raise ValueError(f"the {backend} backend has no {op!r} (ops: {', '.join(OPS)}; {op!r} runs on: "
                          f"{', '.join(have) or 'none'})")
     return table[op]
+
+
+def provides(op: str, backend: str) -> bool:
+    """Whether ``backend`` (a resolved name) has an implementation of ``op``."""
+    return op in _backend_module(backend).OPS
 
 
 # ----------------------------------------------------------------------------------------------------------------------

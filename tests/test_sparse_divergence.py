@@ -79,8 +79,9 @@ def check(backend, x, ids, lp, **kw):
 
 def tail_cancellation(x, ids, lp, dtype, vocab_size=None, temperature=1.0, softcap=None, logit_scale=None, **_):
     """The relative slack the bucket's tail needs in ``dtype``: the op forms the student's tail ``1 - sum_k q_k``
-    from log-probs whose log-normaliser comes from a separate sweep over the vocabulary (the logits rounded in
-    another order), so the terms that cancel carry ``~8 eps |s|max`` each, relative to the tail that is left and
+    from log-probs whose log-normaliser is rounded otherwise than a materialised log-softmax's (a separate sweep over
+    the vocabulary on the composed path, the logits rounded in another order; the same logits summed in another order
+    in the one sweep), so the terms that cancel carry ``~8 eps |s|max`` each, relative to the tail that is left and
     amplified by the bucket's ``P / Q`` (the teacher's and the student's tails); a materialised log-softmax forms both
     from the same rounded logits and does not pay it. Largest over the rows; 0 in float64."""
     s = reference.logits(x["student_hidden"].double(), x["student_weight"].double(),
@@ -99,10 +100,57 @@ def tail_cancellation(x, ids, lp, dtype, vocab_size=None, temperature=1.0, softc
 @pytest.mark.parametrize("backend", FP64)
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("divergence", DIVS)
-def test_float64_equals_reference(backend, tail, divergence, gen):
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_float64_equals_reference(backend, tail, divergence, reduction, gen):
+    """Per row (the composed path: log-normaliser and gathered logits, each swept again in the backward) and mean (one
+    sweep that makes the gradients)."""
     x, ids, lp = inputs(gen)
-    got, _ = check(backend, x, ids, lp, tail=tail, divergence=divergence, reduction="none")
-    assert got["out"][2] == 0 and (got["out"] != 0).sum() >= 20
+    got, _ = check(backend, x, ids, lp, tail=tail, divergence=divergence, reduction=reduction)
+    if reduction == "none":
+        assert got["out"][2] == 0 and (got["out"] != 0).sum() >= 20
+
+
+def _ops_asked(monkeypatch) -> list:
+    """The dispatch ops each call asks for, recorded."""
+    asked, implementation = [], dispatch.implementation
+    monkeypatch.setattr(dispatch, "implementation", lambda op, backend: asked.append(op) or implementation(op, backend))
+    return asked
+
+
+@pytest.mark.parametrize("backend", FP64)
+def test_a_scalar_loss_takes_one_sweep_and_per_row_gradients_the_composed_ops(backend, gen, monkeypatch):
+    """The one-sweep path (3 matmuls: logits and the two gradient matmuls) for a scalar loss with head gradients and
+    for any loss without them; the composed ops (4) where the upstream gradient is per row, or the stored log-probs
+    want one. The values of both are tested above."""
+    x, ids, lp = inputs(gen)
+    asked = _ops_asked(monkeypatch)
+    run(sparse_divergence, x, ids, lp, backend=backend, reduction="mean")
+    assert asked == ["sparse_divergence"]
+    asked.clear()
+    with torch.no_grad():
+        per_row = sparse_divergence(x["student_hidden"], x["student_weight"], ids, lp, student_bias=x["student_bias"],
+                                    reduction="none", backend=backend)
+    assert asked == ["sparse_divergence"]
+    asked.clear()
+    composed = run(sparse_divergence, x, ids, lp, backend=backend, reduction="none")
+    assert asked == ["token_logprobs_fwd", "token_logprobs_bwd"]
+    assert torch.allclose(per_row, composed["out"], rtol=1e-12, atol=1e-14)
+    asked.clear()
+    run(sparse_divergence, x, ids, lp.clone().requires_grad_(True), backend=backend, reduction="sum")
+    assert asked == ["token_logprobs_fwd", "token_logprobs_bwd"]
+
+
+def test_the_sweep_gradients_are_scaled_once(gen):
+    """The sweep's gradients are scaled in place by the upstream scalar: a second backward through a retained graph
+    is refused, not silently doubled; a scaled upstream scales them."""
+    x, ids, lp = inputs(gen)
+    h = x["student_hidden"].clone().requires_grad_(True)
+    out = sparse_divergence(h, x["student_weight"], ids, lp, backend="torch")
+    (g1,) = torch.autograd.grad(3.0 * out, h, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, h)
+    (g0,) = torch.autograd.grad(sparse_divergence(h, x["student_weight"], ids, lp, backend="torch"), h)
+    assert torch.allclose(g1, 3.0 * g0, rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

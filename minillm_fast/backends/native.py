@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from .. import chunked, native
-from ..chunked import ChunkLogits, Draws, HeadGrads, Rows, out_dtype, row_chunks
+from ..chunked import ChunkLogits, Draws, HeadGrads, Rows, SparseRows, out_dtype, row_chunks
+from .torch import sparse_stats as torch_sparse_stats
 
 
 def divergence_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg, grad_s: bool,
@@ -109,8 +110,29 @@ def mixture_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, voc
     return draws.result()
 
 
+def sparse_stats(z: torch.Tensor, scaling) -> torch.Tensor:
+    """``[C, 2]`` row max and ``log sum e^(s - M)`` by the token log-probs forward row kernel with no target. Under a
+    softcap that kernel leaves ``tanh(z / cap)`` in z, which the backward row kernel would take for raw logits: the
+    torch rows compute the statistics there instead (a softcap is rare; the sweep is one pass)."""
+    if scaling.softcap:
+        return torch_sparse_stats(z, scaling)
+    no_target = torch.full((z.shape[0],), -1, dtype=torch.int64, device=z.device)
+    return native.ops().token_logprobs_fwd_rows(z, no_target, scaling.temperature, 0.0, False)[1]
+
+
+def sparse_grad(z: torch.Tensor, stats: torch.Tensor, a: torch.Tensor, scaling) -> None:
+    """Overwrite the raw chunk logits z [C, V] with ``-a q ds/dz``: the token log-probs backward row kernel with
+    upstream ``a`` and no target (its ``a (onehot(y) - q)`` without the one-hot)."""
+    no_target = torch.full((z.shape[0],), -1, dtype=torch.int64, device=z.device)
+    native.ops().token_logprobs_bwd_rows(z, no_target, stats, None, a, None, scaling.temperature, scaling.softcap)
+
+
+SPARSE_ROWS = SparseRows(sparse_stats, sparse_grad)
+
+
 OPS = {
     "fused_divergence": functools.partial(chunked.run, rows=ROWS),
+    "sparse_divergence": functools.partial(chunked.sparse_run, rows=SPARSE_ROWS),
     "token_logprobs_fwd": token_logprobs_fwd,
     "token_logprobs_bwd": token_logprobs_bwd,
     "rollout_statistics": rollout_statistics,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import chunked, divergences
-from ..chunked import DivergenceConfig, Draws, HeadGrads, Rows, out_dtype, row_chunks, scaled_logits
+from ..chunked import DivergenceConfig, Draws, HeadGrads, Rows, SparseRows, out_dtype, row_chunks, scaled_logits
 
 
 def divergence_rows(zs: torch.Tensor, zt: torch.Tensor, row_grad: Optional[torch.Tensor], cfg: DivergenceConfig,
@@ -122,8 +122,28 @@ def mixture_sample(hs, ws, bs, ht, wt, bt, seed, *, alpha, student, teacher, voc
     return draws.result()
 
 
+def sparse_stats(z: torch.Tensor, scaling) -> torch.Tensor:
+    """``[C, 2]``: each row's max M and ``log sum e^(s - M)`` of ``s = scaling(z)`` (z [C, V] raw, left as it is)."""
+    s, _ = scaling.apply(z)
+    big = s.amax(-1, keepdim=True)
+    return torch.cat([big, torch.logsumexp(s.sub_(big), -1, keepdim=True)], 1)
+
+
+def sparse_grad(z: torch.Tensor, stats: torch.Tensor, a: torch.Tensor, scaling) -> None:
+    """Overwrite the raw chunk logits z [C, V] with ``-a q ds/dz`` (a [C]), from :func:`sparse_stats`' statistics."""
+    s, cap = scaling.apply(z)
+    g = s.sub_(stats[:, :1]).sub_(stats[:, 1:]).exp_().mul_((-a * scaling.inv_temp).unsqueeze(1).to(s.dtype))
+    if cap is not None:
+        g.mul_(1 - cap * cap)
+    z.copy_(g)
+
+
+SPARSE_ROWS = SparseRows(sparse_stats, sparse_grad)
+
+
 OPS = {
     "fused_divergence": functools.partial(chunked.run, rows=ROWS),
+    "sparse_divergence": functools.partial(chunked.sparse_run, rows=SPARSE_ROWS),
     "token_logprobs_fwd": token_logprobs_fwd,
     "token_logprobs_bwd": token_logprobs_bwd,
     "rollout_statistics": rollout_statistics,

@@ -2,14 +2,20 @@
 
 The teacher ran once and kept, per token, its k most likely ids and their log-probs (``token_topk``; k ~ 8-128
 instead of the V x 4 bytes of a full distribution). The student's side needs, per row, its log-probs at those k ids
-and nothing else of the vocabulary but its log-normaliser, so the op never makes ``[N, V]`` logits:
+and nothing else of the vocabulary but its log-normaliser, so the op never makes ``[N, V]`` logits. Two ways:
 
-* the log-normaliser ``lse(s) = M + log L`` (``minillm_fast::log_normalizer``: one sweep over the vocabulary, the
-  token log-probs forward of the chosen backend; its gradient ``q`` comes from the token log-probs backward without
-  a one-hot);
-* the student's logits at the k ids, ``z_k = h . W[id_k] (+ b[id_k])``, by a gathered product in row chunks
-  (``minillm_fast::gathered_logits``; its gradient scatters into the k head rows), scaled as the model does
-  (logit scale, softcap, temperature), so that ``lq(id_k) = (s_k - M) - log L``.
+* one sweep (torch and native backends, a scalar loss, or any loss without gradients): ``chunked.sparse_run`` makes
+  each row chunk's logits ``[C, V]`` once, takes the log-normaliser ``lse = M + log L`` and the log-probs at the ids
+  ``lq = (s_k - M) - log L`` from them, the divergence and its gradient ``g = dL/dlq`` on ``[C, K]``, and writes
+  ``dL/ds = scatter(g) - (sum_k g_k) q`` over the logits for the two gradient matmuls: 3 matmuls in all, the
+  gradients made in the forward and scaled by the upstream scalar in the backward (as fused_divergence's chunked
+  strategy does);
+* composed ops (per-row gradients, where the upstream is not known in the forward; gradients wanted by the stored
+  log-probs or the token weights; ``torch.compile``; the triton backend): the log-normaliser
+  (``minillm_fast::log_normalizer``: one sweep over the vocabulary, the token log-probs forward of the backend; its
+  gradient ``q`` from the token log-probs backward without a one-hot) and the student's logits at the k ids,
+  ``z_k = h . W[id_k] (+ b[id_k])``, by a gathered product in row chunks (``minillm_fast::gathered_logits``; its
+  gradient scatters into the k head rows), scaled as the model does (logit scale, softcap, temperature): 4 matmuls.
 
 The divergence is then between two distributions over a few outcomes, computed on ``[N, K]`` tensors by autograd:
 
@@ -24,15 +30,18 @@ The divergence is then between two distributions over a few outcomes, computed o
   ever accounting for the student's mass elsewhere).
 
 Accuracy: float64 inputs match the materialised computation to ~1e-12. In fp32 the bucket's student tail
-``1 - sum_k q_k`` carries the logits' rounding (~eps max|s|, from the log-normaliser's separate sweep) as an
-absolute error, which the tail divides by its own mass: where the student's top-k mass is close to 1 and the
-teacher's is not, this term is a few times less accurate than a materialised log-softmax (tests: tail_cancellation).
+``1 - sum_k q_k`` carries the rounding of the log-probs at the ids as an absolute error (the composed path's
+log-normaliser comes from a separate sweep, the logits rounded in another order, ~eps max|s|; the one sweep's from the
+same logits, summed in another order than a materialised log-softmax sums them), which the tail divides by its own
+mass: where the student's top-k mass is close to 1 and the teacher's is not, this term is a few times less accurate
+than a materialised log-softmax (tests: tail_cancellation).
 
 Teacher log-probs are taken as given: the temperature applies to the student only (a tempered teacher's top k cannot
 be recovered from an untempered one: store a tempered teacher if you want one).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -256,20 +265,67 @@ def sparse_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_id
     has_any = valid.any(-1)
     safe_ids = torch.where(valid, ids, torch.zeros_like(ids)).long()
 
-    # the student's log-probs at the ids, (s_k - M) - log L: the log-normaliser by one sweep over the vocabulary,
-    # the logits at the ids by a gathered product
+    scale = row_scale(lead, h.device, labels=labels, ignore_index=ignore_index, mask=mask,
+                      token_weights=token_weights, reduction="none", dtype=out_dtype(h))
+    keep = scale.ne(0) & has_any
+    if reduction == "mean":
+        scale = scale / keep.sum().clamp(min=1)
+    needs = tuple(torch.is_grad_enabled() and x is not None and x.requires_grad for x in (h, w, b))
+    if _one_sweep(name, reduction, any(needs), lp, token_weights):
+        weight = torch.where(keep, scale, torch.zeros_like(scale))
+        outcome = functools.partial(_chunk_outcome, lp=lp, valid=valid, div=div, tail=tail)
+        with torch.no_grad():
+            per_row, grads = dispatch.implementation("sparse_divergence", name)(
+                h, w, b, safe_ids, outcome, scaling, vocab, chunk_size=chunk,
+                row_grad=weight if any(needs) else None, needs=needs)
+        out = _reduce(per_row, keep, scale, reduction, lead)
+        return _PrecomputedGradients.apply(out, h, w, b, *grads) if any(needs) else out
+
+    # the student's log-probs at the ids, (s_k - M) - log L: the log-normaliser by one sweep over the vocabulary, the
+    # logits at the ids by a gathered product; autograd on [N, K] from there, and each sweep again in the backward
     m, log_l = torch.ops.minillm_fast.log_normalizer(h, w, b, scaling.inv_temp, scaling.softcap, vocab, name, chunk)
     z = torch.ops.minillm_fast.gathered_logits(h, w, b, safe_ids, max(1, chunk * vocab // (k * h.shape[1] + 1)))
     lq = (scaling.apply(z)[0] - m[:, None]) - log_l[:, None]
     per_row = divergences.outcome_divergence(lq, lp.to(lq.dtype), valid, div, tail)
+    return _reduce(per_row, keep, scale, reduction, lead)
 
-    scale = row_scale(lead, h.device, labels=labels, ignore_index=ignore_index, mask=mask,
-                      token_weights=token_weights, reduction="none", dtype=per_row.dtype)
-    keep = scale.ne(0) & has_any
-    if reduction == "mean":
-        scale = scale / keep.sum().clamp(min=1)
+
+def _one_sweep(backend: str, reduction: str, head_grads: bool, lp: Tensor, token_weights: Optional[Tensor]) -> bool:
+    """Whether the op runs as one sweep with its gradients made in it (``chunked.sparse_run``: 3 matmuls, where the
+    composed ops take 4). Not where the upstream gradient must be known per row before the sweep
+    (``reduction="none"`` with gradients), where something besides the head wants a gradient (the stored log-probs
+    or the token weights), under ``torch.compile`` (the sweep runs autograd inside; the composed path is made of
+    custom ops it can trace), or on a backend without it (triton: its token log-probs kernels are composed)."""
+    grad = torch.is_grad_enabled()
+    others = grad and (lp.requires_grad or (token_weights is not None and token_weights.requires_grad))
+    return (dispatch.provides("sparse_divergence", backend) and not torch.compiler.is_compiling() and not others
+            and (reduction != "none" or not head_grads))
+
+
+def _chunk_outcome(rows: slice, lq: Tensor, *, lp: Tensor, valid: Tensor, div, tail: str) -> Tensor:
+    """The per-row divergence of the rows ``rows`` from the student's log-probs at their ids ``lq [C, K]``."""
+    return divergences.outcome_divergence(lq, lp[rows].to(lq.dtype), valid[rows], div, tail)
+
+
+def _reduce(per_row: Tensor, keep: Tensor, scale: Tensor, reduction: str, lead) -> Tensor:
+    """Rows kept scaled (exactly 0 elsewhere, even where the divergence is not finite), summed or per row."""
     out = torch.where(keep, per_row * scale, torch.zeros_like(per_row))
     return out.reshape(lead) if reduction == "none" else out.sum()
+
+
+class _PrecomputedGradients(torch.autograd.Function):
+    """``loss`` with the gradients (of h, w, b) that the sweep made; the backward scales them by the upstream
+    scalar, in place (they are ours alone; autograd refuses a second backward through them rather than doubling)."""
+
+    @staticmethod
+    def forward(ctx, loss, h, w, b, gh, gw, gb):
+        ctx.save_for_backward(gh, gw, gb)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = tuple(None if g is None else g.mul_(grad_out.to(g.dtype)) for g in ctx.saved_tensors)
+        return (None, *grads, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -67,11 +67,29 @@ def test_terminal_ends_with_the_table(demo_run):
 
 def test_plots_exist(demo_run):
     out, _ = demo_run
-    for name in ("rougeL.png", "rev_kl.png"):
+    for name in ("rougeL.png", "rev_kl.png", "exaccerr.png", "measures.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
     report = (out / "report.md").read_text()
-    assert "](rougeL.png)" in report and "](rev_kl.png)" in report
+    for name in ("rougeL.png", "rev_kl.png", "exaccerr.png", "measures.png"):
+        assert f"]({name})" in report, name
+
+
+def test_every_student_has_the_papers_other_measurements_and_paired_tests(demo_run):
+    out, _ = demo_run
+    report = (out / "report.md").read_text()
+    for name in ROWS:
+        res = json.loads((out / "eval" / name / "results.json").read_text())
+        assert 0.0 <= res["ece"] <= 1.0 and res["length_mean"] > 0, name
+        assert len(res["per_example"]["10"]["rougeL"]) == res["n_examples"], name
+        if name != "teacher":                   # the students' exposure bias against the teacher's own samples
+            curve = res["exposure_bias"]
+            assert curve["lengths"][0] == 1 and abs(curve["exaccerr"][0]) < 1e-6, name   # same prompts at step 1
+    cells = {row: cols for row, cols in _table(report).items()}
+    for row in ROWS:
+        lo, hi = (float(x) for x in cells[row]["test Rouge-L 95% CI"].strip("[]").split(", "))
+        assert lo <= float(NUMBER_PM.match(cells[row]["test Rouge-L"]).group(1)) <= hi, row
+    assert "## Paired tests" in report and "Wilcoxon" in report and "## The paper's other measurements" in report
 
 
 def test_results_are_over_five_seeds_on_the_test_split(demo_run):

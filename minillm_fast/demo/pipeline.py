@@ -23,9 +23,11 @@ cbd        chain-based distillation (demo/cbd.py): a chain teacher -> anchor (0.
            size) by KD links, a 0.27M student initialised by interpolating the two anchors, from the nearer anchor
            alone, and at random, each then trained by KD on KD's schedule; evaluated before and after
 eval       every model on the test split, seeds 10 20 30 40 50 (``minillm-fast evaluate``: sampling at temperature
-           1, ``no_repeat_ngram_size=6``, Rouge-L and exact match, max over references)
-report     ``report.md`` (the table, what it shows and does not, the CBD section, timings, notes), ``rougeL.png``,
-           ``rev_kl.png``, ``cbd_valid_loss.png``
+           1, ``no_repeat_ngram_size=6``, Rouge-L and exact match, max over references; next-token ECE, response
+           length, distinct-4; for the students also ExAccErr against the teacher's own test samples)
+report     ``report.md`` (the table with 95% intervals, paired tests against KD and SFT, what it shows and does
+           not, the paper's other measurements, the CBD section, timings, notes), ``rougeL.png``, ``rev_kl.png``,
+           ``exaccerr.png``, ``measures.png``, ``cbd_valid_loss.png``
 =========  ==========================================================================================================
 
 Every training and evaluation job is the command a user runs, ``python -m minillm_fast distill --config X.yaml`` or
@@ -633,13 +635,21 @@ class DemoRun:
         return Job(name, "train", ["distill", "--config", str(path)], deps=deps, cost=cost,
                    total_steps=int(values["total_iters"]), run_dir=str(self.paths.run(name)), **job)
 
-    def _eval_job(self, name: str, model_dir: Path, deps: List[str], cost: float, **job) -> Job:
-        """A ``minillm-fast evaluate`` job of ``model_dir`` on the test split, over the schedule's seeds."""
+    def _eval_job(self, name: str, model_dir: Path, deps: List[str], cost: float, *, with_teacher: bool = False,
+                  **job) -> Job:
+        """A ``minillm-fast evaluate`` job of ``model_dir`` on the test split, over the schedule's seeds (with the
+        calibration, length and distinct-4 of distill/fidelity.py). ``with_teacher``: also the exposure bias against
+        the teacher, whose own test samples (``eval_teacher``'s results.json) are the oracle prefixes; the job then
+        waits for ``eval_teacher``."""
         c, sched = self.common, self.sched
         argv = ["evaluate", "--model", str(model_dir), "--data", str(self.paths.refs("test")), "--output",
                 str(self.paths.eval(name)), "--seeds", *map(str, sched.seeds), "--max-length", str(c["max_length"]),
                 "--max-prompt-length", str(c["max_prompt_length"]), "--max-new-tokens", str(c["max_new_tokens"]),
                 "--batch-size", str(sched.eval_batch_size)]
+        if with_teacher:
+            argv += ["--teacher", str(self.paths.teacher), "--teacher-predictions",
+                     str(self.paths.eval("teacher") / "results.json")]
+            deps = deps + ["eval_teacher"]
         return Job(name=f"eval_{name}", kind="eval", argv=argv, deps=deps, cost=cost, **job)
 
     def _record_cached(self, name: str, kind: str) -> None:
@@ -734,15 +744,19 @@ class DemoRun:
         return jobs
 
     def eval_jobs(self) -> List[Job]:
-        """Every model on the test split; the teacher's evaluation is reused with the teacher."""
+        """Every model on the test split, every student with its exposure bias against the teacher; the teacher's
+        evaluation is reused with the teacher."""
+        # "fidelity": results.json with the prompt fingerprint and per-example scores the students' jobs and the
+        # report read (an older cached evaluation lacks them)
         key = {"teacher": self.keys["teacher"], "test": str(self.paths.refs("test")), "seeds": list(self.sched.seeds),
-               "batch": self.sched.eval_batch_size}
+               "batch": self.sched.eval_batch_size, "fidelity": 1}
         cached = self._reusable("eval_teacher", key, [self.paths.eval("teacher") / "results.json"], after="teacher")
         jobs = [self._eval_job("teacher", self.paths.teacher, ["teacher"], 15.0, cached=cached,
                                after=functools.partial(self.cache.store, "eval_teacher", key))]
         if cached:
             self._record_cached("eval_teacher", "eval")
-        return jobs + [self._eval_job(name, self.paths.run(name) / "best", [name], 5.0) for name, _ in METHODS[1:]]
+        return jobs + [self._eval_job(name, self.paths.run(name) / "best", [name], 5.0, with_teacher=True)
+                       for name, _ in METHODS[1:]]
 
     def train_and_evaluate(self, jobs: List[Job]) -> None:
         self.say(f"training and evaluation: {sum(not j.cached for j in jobs)} jobs (configs in "

@@ -3,21 +3,28 @@
 ``collect_rows(out_dir, methods, params)`` reads every model's test evaluation (``eval/<name>/results.json``, written
 by ``minillm-fast evaluate``) and its training run's validation metrics and step times (``runs/<name>/metrics.jsonl``);
 ``write_report(out_dir, rows, timings, info, minillm_runs)`` writes ``report.md``, ``rougeL.png`` (test Rouge-L by
-method, mean and standard deviation over the 5 sampling seeds) and ``rev_kl.png`` (the validation reverse KL
-``KL(q_student || p_teacher)`` of the MiniLLM runs during training, the paper's Figure 8).
+method, mean and standard deviation over the 5 sampling seeds), ``rev_kl.png`` (the validation reverse KL
+``KL(q_student || p_teacher)`` of the MiniLLM runs during training, the paper's Figure 8), and the paper's other
+measurements (demo/measures.py: ``exaccerr.png``, ``measures.png``).
 
-The findings paragraph is computed from the numbers, never written in advance: it says which method has the best
-test Rouge-L, by how much, and whether the gap is larger than the seed-to-seed spread. That spread is sampling noise
-of one trained model; it says nothing about the spread over training seeds, which one run per method cannot show.
+Statistics (demo/stats.py): each model's mean test Rouge-L with a 95% t-interval over the seeds, and a paired test
+over the same test prompts (each prompt's Rouge-L averaged over the seeds; Wilcoxon signed-rank, with a paired
+bootstrap interval of the mean difference) for every student against KD and against SFT. The findings paragraph is
+computed from the numbers, never written in advance, and calls a difference significant only when that test has
+p < 0.05. Both measure the sampling and prompt noise of one trained model; they say nothing about the spread over
+training runs, which one run per method cannot show.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["collect_rows", "markdown_table", "write_report", "plot_rouge", "plot_rev_kl", "TUNING_NOTES"]
+from . import measures, stats
+
+__all__ = ["collect_rows", "markdown_table", "paired_table", "write_report", "plot_rouge", "plot_rev_kl",
+           "TUNING_NOTES"]
+BASELINES = (("kd", "KD"), ("sft", "SFT"))      # every student is tested against these, prompt by prompt
 
 # What was tried to make the comparison meaningful within the time budget (measured on the 2-core CPU the demo
 # targets; see also the schedule in pipeline.FULL).
@@ -81,14 +88,44 @@ def _read_metrics(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def per_prompt_rouge(res: dict, references: Optional[Sequence[Sequence[str]]] = None) -> Optional[List[float]]:
+    """``[N]`` each test prompt's Rouge-L (x 100, max over its references) averaged over the seeds: from the
+    ``per_example`` scores of ``results.json``, or recomputed from its ``predictions`` and ``references`` (results
+    written before per-example scores were kept). None when neither is there."""
+    per_seed = [v["rougeL"] for v in (res.get("per_example") or {}).values()]
+    if not per_seed and res.get("predictions") and references is not None:
+        from ..distill.evaluate import score_examples
+
+        per_seed = [score_examples(preds, references)["rougeL"] for preds in res["predictions"].values()
+                    if len(preds) == len(references)]
+    if not per_seed:
+        return None
+    return [sum(col) / len(col) for col in zip(*per_seed)]
+
+
+def _test_references(out_dir: Path) -> Optional[List[List[str]]]:
+    path = out_dir / "data" / "test_refs.jsonl"
+    if not path.is_file():
+        return None
+    from ..distill.data import read_jsonl, record_prompt_and_references
+
+    return [record_prompt_and_references(rec)[1] for rec in read_jsonl(path)]
+
+
 def collect_rows(out_dir, methods: Sequence[Tuple[str, str]], params: Mapping[str, int]) -> List[dict]:
-    """One row per method: test Rouge-L / exact match (mean, std over seeds), the best validation Rouge-L of its run,
-    the validation reverse KL of the selected (best) checkpoint when the run measured it."""
+    """One row per method: test Rouge-L / exact match (mean, std over seeds), the 95% t-interval of the Rouge-L mean
+    over the seeds, the per-prompt Rouge-L (for the paired tests), the best validation Rouge-L of its run, the
+    validation reverse KL of the selected (best) checkpoint when the run measured it, and the measurements of
+    demo/measures.py."""
     out_dir = Path(out_dir)
-    rows = []
+    rows, references = [], None
     for name, label in methods:
         res_path = out_dir / "eval" / name / "results.json"
         res = json.loads(res_path.read_text()) if res_path.is_file() else {}
+        if res and not res.get("per_example") and references is None:
+            references = _test_references(out_dir)
+        seeds = [m["rougeL"] for m in (res.get("per_seed") or {}).values()]
+        ci = stats.mean_ci(seeds)[1:] if seeds else (None, None)
         evals = [r for r in _read_metrics(out_dir / "runs" / name / "metrics.jsonl") if "eval/rougeL" in r]
         best = max(evals, key=lambda r: r["eval/rougeL"]) if evals else {}
         steps = [r["time/step_s"] for r in _read_metrics(out_dir / "runs" / name / "metrics.jsonl")
@@ -101,6 +138,8 @@ def collect_rows(out_dir, methods: Sequence[Tuple[str, str]], params: Mapping[st
             "valid_rougeL": best.get("eval/rougeL"), "valid_step": best.get("step"),
             "valid_rev_kl": best.get("eval/rev_kl"), "valid_length": best.get("eval/length"),
             "n_examples": res.get("n_examples"), "seeds": res.get("seeds"),
+            "rougeL_ci": ci, "per_prompt": per_prompt_rouge(res, references) if res else None,
+            **measures.row_fields(res),
             # optimiser steps only (rollouts included, validation and start-up not): the paper's "Time" column
             "train_seconds": sum(steps) if steps else None,
         })
@@ -120,17 +159,54 @@ def _seconds(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.2g}"
 
 
+def _ci(bounds) -> str:
+    lo, hi = bounds if bounds else (None, None)
+    return "n/a" if lo is None else f"[{lo:.2f}, {hi:.2f}]"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-    """The results table: one row per model, test numbers as mean ± std over the sampling seeds."""
+    """The results table: one row per model, test numbers as mean ± std over the sampling seeds, and the 95%
+    t-interval of the Rouge-L mean."""
     lines = ["| model | method | params | train time (s) | valid Rouge-L (best) | valid rev. KL | test Rouge-L | "
-             "test exact match |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "test Rouge-L 95% CI | test exact match |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         params = "n/a" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
         lines.append(f"| {r['name']} | {r['label']} | {params} | {_seconds(r.get('train_seconds'))} | "
                      f"{_num(r['valid_rougeL'])} | "
                      f"{_num(r['valid_rev_kl'], '{:.3f}')} | {_pm(r['rougeL_mean'], r['rougeL_std'])} | "
-                     f"{_pm(r['exact_match_mean'], r['exact_match_std'])} |")
+                     f"{_ci(r.get('rougeL_ci'))} | {_pm(r['exact_match_mean'], r['exact_match_std'])} |")
+    return "\n".join(lines)
+
+
+def paired(by: Mapping[str, dict], a: str, b: str) -> Optional[dict]:
+    """``stats.paired_comparison`` of rows ``a`` and ``b`` over their per-prompt Rouge-L; None when either lacks
+    them or they are on different prompts."""
+    x, y = by.get(a, {}).get("per_prompt"), by.get(b, {}).get("per_prompt")
+    if not x or not y or len(x) != len(y) or len(x) < 2:
+        return None
+    return stats.paired_comparison(x, y)
+
+
+def paired_table(rows: Sequence[dict]) -> str:
+    """Every student against each of ``BASELINES``: the mean per-prompt Rouge-L difference, its 95% paired bootstrap
+    interval and the Wilcoxon p-value (bold when < 0.05)."""
+    by = {r["name"]: r for r in rows}
+    head = " | ".join(f"vs {lab}: Δ Rouge-L [95% CI] | p" for _, lab in BASELINES)
+    lines = [f"| model | {head} |", "| --- |" + " --- | --- |" * len(BASELINES)]
+    for r in rows:
+        if r["name"] == "teacher" or not r.get("per_prompt"):
+            continue
+        cells = []
+        for base, _ in BASELINES:
+            t = None if base == r["name"] else paired(by, r["name"], base)
+            if t is None:
+                cells += ["—", "—"]
+            else:
+                p = f"{t['p']:.2g}"
+                cells += [f"{t['mean_diff']:+.2f} [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]",
+                          f"**{p}**" if t["significant"] else p]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -153,33 +229,35 @@ def findings(rows: Sequence[dict]) -> List[str]:
             return None
         ra, rb = by[a], by[b]
         d = ra["rougeL_mean"] - rb["rougeL_mean"]
-        spread = math.hypot(ra["rougeL_std"], rb["rougeL_std"])
-        if abs(d) <= spread:
-            verdict = "within the seed-to-seed spread"
-        else:
-            verdict = "larger than the seed-to-seed spread"
-        return (f"{ra['label']} vs {rb['label']}: {d:+.2f} Rouge-L ({ra['rougeL_mean']:.2f} vs "
-                f"{rb['rougeL_mean']:.2f}), {verdict} (±{spread:.2f}).")
+        head = (f"{ra['label']} vs {rb['label']}: {d:+.2f} Rouge-L ({ra['rougeL_mean']:.2f} vs "
+                f"{rb['rougeL_mean']:.2f})")
+        t = paired(by, a, b)
+        if t is None:
+            return head + "; no per-prompt scores, so no test."
+        return (head + f"; over the {t['n']} test prompts 95% bootstrap CI [{t['ci_low']:+.2f}, "
+                f"{t['ci_high']:+.2f}], {stats.verdict(t['p'])}.")
 
     baselines = [n for n in ("sft", "kd", "seqkd") if n in by]
     if "minillm" in by and baselines:
         best_base = max(baselines, key=lambda n: by[n]["rougeL_mean"])
         d = by["minillm"]["rougeL_mean"] - by[best_base]["rougeL_mean"]
-        spread = math.hypot(by["minillm"]["rougeL_std"], by[best_base]["rougeL_std"])
-        if d > spread:
+        t = paired(by, "minillm", best_base)
+        shown = t is not None and t["significant"]
+        if d > 0 and shown:
             out.append(f"MiniLLM has the best student test Rouge-L among MiniLLM and the baselines: "
                        f"{by['minillm']['rougeL_mean']:.2f} against {by[best_base]['rougeL_mean']:.2f} for the best "
-                       f"baseline ({by[best_base]['label']}), a gap larger than the seed-to-seed spread (but see "
-                       f"the last point).")
+                       f"baseline ({by[best_base]['label']}), a difference the paired test finds "
+                       f"{stats.verdict(t['p'])} (but see the last point).")
         elif d > 0:
             out.append(f"MiniLLM's test Rouge-L ({by['minillm']['rougeL_mean']:.2f}) is above the best baseline "
-                       f"({by[best_base]['label']}, {by[best_base]['rougeL_mean']:.2f}) by {d:.2f}, which is "
-                       f"within the seed-to-seed spread (±{spread:.2f}): at this scale the demo does not show that "
-                       f"MiniLLM beats the baselines.")
+                       f"({by[best_base]['label']}, {by[best_base]['rougeL_mean']:.2f}) by {d:.2f}, "
+                       + (f"{stats.verdict(t['p'])}" if t else "untested (no per-prompt scores)")
+                       + ": at this scale the demo does not show that MiniLLM beats the baselines.")
         else:
             out.append(f"MiniLLM does not beat the baselines at this scale: its test Rouge-L "
                        f"({by['minillm']['rougeL_mean']:.2f}) is {-d:.2f} below the best baseline "
-                       f"({by[best_base]['label']}, {by[best_base]['rougeL_mean']:.2f}).")
+                       f"({by[best_base]['label']}, {by[best_base]['rougeL_mean']:.2f})"
+                       + (f", {stats.verdict(t['p'])}." if t else "."))
         for b in baselines:
             line = compare("minillm", b)
             if line:
@@ -213,12 +291,19 @@ def findings(rows: Sequence[dict]) -> List[str]:
         out.append(compare(abl, "minillm"))
     if ablations:
         below = [by[n]["label"] for n in ablations if by[n]["rougeL_mean"] < by["minillm"]["rougeL_mean"]]
+        tests = {n: paired(by, n, "minillm") for n in ablations}
+        sig = [by[n]["label"] for n in ablations if by[n]["rougeL_mean"] < by["minillm"]["rougeL_mean"]
+               and tests[n] is not None and tests[n]["significant"]]
         out.append(f"The paper's Table 4 has every ablation below full MiniLLM; here {len(below)} of "
-                   f"{len(ablations)} are below it" + (f" ({', '.join(below)})." if below else "."))
+                   f"{len(ablations)} are below it" + (f" ({', '.join(below)})" if below else "")
+                   + f", {len(sig)} of them significantly by the paired test" + (f" ({', '.join(sig)})." if sig
+                                                                               else "."))
     if out:
-        out.append("One training run per method: the ± is the sampling noise of that run over the 5 seeds, not "
-                   "the run-to-run noise of training, which in the tuning runs (see the notes) was about ±1 "
-                   "Rouge-L between equally reasonable settings; gaps of that size are not evidence either way.")
+        out.append(f"Tests: {stats.TEST_NAME}, p < {stats.ALPHA} called significant, no correction for the many "
+                   f"comparisons (about 1 in 20 is 'significant' by chance); intervals: paired bootstrap over the "
+                   f"prompts, and a t-interval over the 5 seeds for each mean. One training run per method: these "
+                   f"measure the sampling and prompt noise of that run, not the run-to-run noise of training, which "
+                   f"in the tuning runs (see the notes) was about ±1 Rouge-L between equally reasonable settings.")
     return out
 
 
@@ -331,6 +416,8 @@ def write_report(out_dir, rows: Sequence[dict], timings: Mapping[str, dict], inf
     labels = {r["name"]: r["label"] for r in rows}
     rouge_png = plot_rouge(rows, out_dir / "rougeL.png")
     kl_png = plot_rev_kl(minillm_runs, out_dir / "rev_kl.png", labels, init_point)
+    exacc_png = measures.plot_exaccerr(rows, out_dir / "exaccerr.png", _plt)
+    measures_png = measures.plot_measures(rows, out_dir / "measures.png", _plt)
     sched = info["schedule"]
     md = [f"# minillm-fast demo report ({sched['name']} schedule)", ""]
     if sched["name"] == "quick":
@@ -344,8 +431,28 @@ def write_report(out_dir, rows: Sequence[dict], timings: Mapping[str, dict], inf
            "optimiser steps (MiniLLM's rollouts included; validation and start-up not).", "",
            markdown_table(rows), "", "## What the table shows", ""]
     md += [f"* {s}" for s in findings(rows)] or ["* (no results)"]
-    md += ["", f"![test Rouge-L by method]({rouge_png.name})", "",
-           f"![validation reverse KL during MiniLLM training]({kl_png.name})", ""]
+    md += ["", "## Paired tests", "",
+           f"Each student against KD and against SFT on the same test prompts: the mean difference of per-prompt "
+           f"test Rouge-L (each prompt's Rouge-L averaged over the seeds), its 95% paired bootstrap interval, and the "
+           f"p-value of the {stats.TEST_NAME.split(' over ')[0]} (bold: < {stats.ALPHA}).", "",
+           paired_table(rows), "",
+           f"![test Rouge-L by method]({rouge_png.name})", "",
+           f"![validation reverse KL during MiniLLM training]({kl_png.name})", "",
+           "## The paper's other measurements", "",
+           "Exposure bias: ExAccErr(l) = (R(l) - l ε(l)) / (l ε(l)), the paper's appendix B.5, with KL(teacher || "
+           "student) per step summed over the student's own test samples (R) and over the teacher's (l ε): the "
+           "excess error due to the student's prefixes, in %, at generation length l; a step's mean is over the "
+           "samples still generating at it, and the curve stops where fewer than 10% of either model's samples "
+           "are. ECE: expected calibration error (10 equal-width bins) of the next-token probabilities, "
+           "teacher-forced on the test references (confidence = the largest probability). Length: tokens of the "
+           "sampled responses. Dist-4: distinct word 4-grams / all 4-grams over a seed's responses (x100, paper "
+           "appendix B.4). distill/fidelity.py has the definitions.", "",
+           measures.markdown_table(rows), ""]
+    md += [f"* {s}" for s in measures.findings(rows)]
+    for png, alt in ((exacc_png, "ExAccErr by generation length"), (measures_png, "ECE, length and distinct-4")):
+        if png is not None:
+            md += ["", f"![{alt}]({png.name})"]
+    md += [""]
     for section in extra_sections:
         md += list(section)
     for name, draw in (extra_plots or {}).items():

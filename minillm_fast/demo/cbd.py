@@ -42,17 +42,16 @@ ROWS = (
 ANCHORS = ("anchor_mid", "anchor_small")
 
 
-def configs(vocab_size: int, family: str, quick: bool, **ids) -> Dict[str, object]:
-    """The anchors' and the CBD student's configs: ``{"anchor_mid", "anchor_small", "student"}``. The smallest
-    anchor has the demo students' shape; ``anchor_mid`` lies between it and the teacher; the student between the
-    two anchors. The default (non-quick) shapes follow the same pattern one size up."""
-    from .configs import shape_config
+def configs(vocab_size: int, family: str, models: str, **ids) -> Dict[str, object]:
+    """The anchors' and the CBD student's configs: ``{"anchor_mid", "anchor_small", "student"}`` for the profile's
+    ``models`` (a key of ``configs.MODEL_SETS``). The smallest anchor has the demo students' shape; ``anchor_mid`` lies
+    between it and the teacher; the student between the two anchors."""
+    from .configs import MODEL_SETS, shape_config
 
-    mid, student = ("quick_anchor", "quick_cbd_student") if quick else ("anchor", "cbd_student")
-    small = "quick_student" if quick else "student"
-    return {"anchor_mid": shape_config(mid, vocab_size, family, **ids),
-            "anchor_small": shape_config(small, vocab_size, family, **ids),
-            "student": shape_config(student, vocab_size, family, **ids)}
+    shapes = MODEL_SETS[models]
+    return {"anchor_mid": shape_config(shapes.anchor_mid, vocab_size, family, **ids),
+            "anchor_small": shape_config(shapes.student, vocab_size, family, **ids),
+            "student": shape_config(shapes.cbd_student, vocab_size, family, **ids)}
 
 
 def nearest_alpha(p_mid: int, p_small: int, p_student: int) -> float:

@@ -21,7 +21,14 @@ default data and ``vocab_size=2048``; the tied embedding, ``vocab x width``, is 
 ``quick_cbd_student``  64 / 3 / 2   0.28M  0.27M  CBD: a student between that anchor and quick_student
 ``anchor``             192 / 5 / 6  2.62M  2.56M  CBD at the default shapes (the demo uses quick ones)
 ``cbd_student``        160 / 4 / 5  1.57M  1.53M
+``long_teacher``       192 / 5 / 6  2.62M  2.56M  ``demo --profile long``: its teacher
+``long_student``       96 / 3 / 3   0.53M  0.50M  its students (and its smallest CBD anchor)
+``long_anchor``        128 / 4 / 4  1.06M  1.03M  its CBD chain's middle anchor
+``long_cbd_student``   96 / 4 / 3   0.64M  0.62M  its CBD student
 =====================  ===========  =====  =====  ====================================================
+
+``MODEL_SETS`` names the shapes of each profile's roles (``quick``: the demo's default and ``--quick`` runs,
+``default``: the shapes above the quick ones, ``long``: ``--profile long``).
 
 ``num_parameters(config)`` gives the exact count (unique tensors, tied embeddings counted once) without allocating.
 ``build_model(config, seed)`` is ``AutoModelForCausalLM.from_config(config)`` under a fixed seed, so the same config
@@ -33,9 +40,8 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-__all__ = ["MAX_POSITIONS", "FAMILIES", "Shape", "SHAPES", "teacher_config", "student_config", "shape_config",
-           "build_model",
-           "num_parameters", "special_token_ids"]
+__all__ = ["MAX_POSITIONS", "FAMILIES", "Shape", "SHAPES", "ModelSet", "MODEL_SETS", "teacher_config",
+           "student_config", "shape_config", "build_model", "num_parameters", "special_token_ids"]
 
 MAX_POSITIONS = 256
 FAMILIES = ("gpt2", "llama")
@@ -61,6 +67,30 @@ SHAPES: Dict[str, Shape] = {
     "quick_cbd_student": Shape(hidden=64, layers=3, heads=2),
     "anchor": Shape(hidden=192, layers=5, heads=6),
     "cbd_student": Shape(hidden=160, layers=4, heads=5),
+    # the long profile (demo --profile long): a teacher 3x the quick one, a student 2.3x the quick student; head width
+    # 32 throughout, as the CBD rows need
+    "long_teacher": Shape(hidden=192, layers=5, heads=6),
+    "long_student": Shape(hidden=96, layers=3, heads=3),
+    "long_anchor": Shape(hidden=128, layers=4, heads=4),
+    "long_cbd_student": Shape(hidden=96, layers=4, heads=3),
+}
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The ``SHAPES`` keys of one demo profile's models, by role: the teacher, the students (also the smallest CBD
+    anchor), the CBD chain's middle anchor and the CBD student (between the two anchors)."""
+
+    teacher: str
+    student: str
+    anchor_mid: str
+    cbd_student: str
+
+
+MODEL_SETS: Dict[str, ModelSet] = {
+    "quick": ModelSet("quick_teacher", "quick_student", "quick_anchor", "quick_cbd_student"),
+    "default": ModelSet("teacher", "student", "anchor", "cbd_student"),
+    "long": ModelSet("long_teacher", "long_student", "long_anchor", "long_cbd_student"),
 }
 
 

@@ -66,7 +66,7 @@ from typing import Dict, List, Optional, Sequence
 
 from . import cbd
 
-__all__ = ["Schedule", "FULL", "QUICK", "METHODS", "run_demo", "main"]
+__all__ = ["Schedule", "FULL", "QUICK", "LONG", "PROFILES", "METHODS", "run_demo", "main"]
 
 # The rows of the report, in order: (name, what it is).
 METHODS = (
@@ -95,7 +95,7 @@ class Schedule:
     """Everything a demo run trains and evaluates with. The dicts are ``distill`` config keys (``--help-config``)."""
 
     name: str
-    quick_models: bool                      # configs.teacher_config / student_config(quick=...)
+    models: str                             # a key of configs.MODEL_SETS: the shapes of the teacher, students, CBD
     sizes: Dict[str, int]                   # examples per split
     pretrain_lines: int
     common: Dict[str, object] = field(default_factory=dict)    # keys of every distill run
@@ -116,7 +116,7 @@ _COMMON = dict(max_length=200, max_prompt_length=144, max_new_tokens=56, device=
 
 FULL = Schedule(
     name="full",
-    quick_models=True,      # the 5.3M default teacher cannot become good in the budget on a CPU (see report notes)
+    models="quick",         # the 5.3M default teacher cannot become good in the budget on a CPU (see report notes)
     sizes={"train": 4000, "valid": 200, "test": 200},
     pretrain_lines=3000,
     common=dict(_COMMON, max_valid_samples=100),
@@ -135,7 +135,7 @@ FULL = Schedule(
 
 QUICK = Schedule(
     name="quick",
-    quick_models=True,
+    models="quick",
     sizes={"train": 400, "valid": 20, "test": 20},
     pretrain_lines=200,
     common=dict(_COMMON, max_new_tokens=32, max_valid_samples=20, eval_batch_size=20),
@@ -151,6 +151,30 @@ QUICK = Schedule(
                   select_metric="loss"),
     eval_batch_size=20,
 )
+
+# The long profile (``--profile long``, about 1 to 2 hours on 2 cores): a 2.6M teacher and 0.5M students (3x and 2.3x
+# the default profile's), twice the data and the steps, 200 validation samples per evaluation (half the noise of the
+# valid reverse KL), 300 test prompts. Methods at equal compute: MiniLLM's steps are chosen so that MiniLLM with the SFT
+# run it starts from costs about what KD costs (in the default profile's timings MiniLLM 160 steps + SFT 600 took
+# 1.2x KD's 600), not the same number of steps: one MiniLLM step costs a rollout share and a PPO update.
+LONG = Schedule(
+    name="long",
+    models="long",
+    sizes={"train": 8000, "valid": 300, "test": 300},
+    pretrain_lines=6000,
+    common=dict(_COMMON, max_valid_samples=200),
+    teacher=dict(batch_size=16, total_iters=3000, lr=2e-3, warmup_steps=60, eval_interval=500),
+    sft=dict(batch_size=16, total_iters=1200, lr=3e-3, warmup_steps=60, eval_interval=200),
+    kd=dict(batch_size=16, total_iters=1200, lr=3e-3, warmup_steps=60, eval_interval=200),
+    seqkd=dict(batch_size=16, total_iters=1200, lr=3e-3, warmup_steps=60, eval_interval=200, rollout_batch_size=100),
+    minillm=dict(batch_size=16, num_rollouts=64, rollout_batch_size=64, ppo_epochs=2, total_iters=320, lr=5e-4,
+                 warmup_steps=16, eval_interval=64, pt_batch_size=8),
+    okd=dict(batch_size=16, total_iters=1200, lr=3e-3, warmup_steps=60, eval_interval=200),
+    cbd_link=dict(batch_size=16, total_iters=400, lr=3e-3, warmup_steps=40, eval_interval=200, eval_generate=False,
+                  select_metric="loss"),
+)
+
+PROFILES = {"default": FULL, "quick": QUICK, "long": LONG}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -403,11 +427,17 @@ def export_min_loss_checkpoint(run_dir: Path, init_dir: Path, out_dir: Path) -> 
             "eval/rev_kl": best.get("eval/rev_kl")}
 
 
-def run_demo(out: str = "runs/demo", *, quick: bool = False, fresh: bool = False, family: str = "llama",
-             jobs: Optional[int] = None, threads: int = 1, seed: int = 0, say=print) -> dict:
-    """Run the demo into ``out``; returns ``{"report": path, "rows": [...], "timings": {...}}``."""
-    demo = DemoRun(out, QUICK if quick else FULL, family=family, seed=seed,
-                   n_parallel=jobs or max(1, min(2, os.cpu_count() or 1)), threads=threads, say=say)
+def run_demo(out: str = "runs/demo", *, quick: bool = False, profile: Optional[str] = None, fresh: bool = False,
+             reuse_runs: bool = False, family: str = "llama", jobs: Optional[int] = None, threads: int = 1,
+             seed: int = 0, say=print) -> dict:
+    """Run the demo into ``out``; returns ``{"report": path, "rows": [...], "timings": {...}}``. ``profile``: a key of
+    ``PROFILES`` (default ``"default"``; ``quick=True`` is ``profile="quick"``)."""
+    name = profile or ("quick" if quick else "default")
+    if name not in PROFILES or (quick and name != "quick"):
+        raise ValueError(f"profile={profile!r} (quick={quick}) is not one of {tuple(PROFILES)}")
+    demo = DemoRun(out, PROFILES[name], family=family, seed=seed,
+                   n_parallel=jobs or max(1, min(2, os.cpu_count() or 1)), threads=threads, say=say,
+                   reuse_runs=reuse_runs)
     return demo.run(fresh=fresh)
 
 
@@ -465,9 +495,10 @@ class DemoRun:
     (parameter counts), ``sft_selection`` (filled when the SFT job ends), ``timings`` (the report's table, in order).
     """
 
-    def __init__(self, out, sched: Schedule, *, family: str, seed: int, n_parallel: int, threads: int, say=print):
+    def __init__(self, out, sched: Schedule, *, family: str, seed: int, n_parallel: int, threads: int, say=print,
+                 reuse_runs: bool = False):
         self.paths = DemoPaths(Path(out).resolve())
-        self.sched, self.family, self.seed = sched, family, seed
+        self.sched, self.family, self.seed, self.reuse_runs = sched, family, seed, reuse_runs
         self.n_parallel, self.threads, self.say = n_parallel, threads, say
         # every distill run's keys beyond its schedule's (the teacher's cache key includes them)
         self.common = dict(sched.common, tokenizer=str(self.paths.tokenizer), train_data=str(self.paths.split("train")),
@@ -541,13 +572,14 @@ class DemoRun:
 
     def initial_models(self) -> None:
         """The teacher and the student before training, from ``configs``, saved with the tokenizer."""
-        from .configs import num_parameters, special_token_ids, student_config, teacher_config
+        from .configs import MODEL_SETS, num_parameters, shape_config, special_token_ids
 
-        ids, vocab, quick = special_token_ids(self.tok), len(self.tok), self.sched.quick_models
-        configs = {"teacher": teacher_config(vocab, self.family, quick=quick, **ids),
-                   "student": student_config(vocab, self.family, quick=quick, **ids)}
+        ids, vocab, shapes = special_token_ids(self.tok), len(self.tok), MODEL_SETS[self.sched.models]
+        configs = {"teacher": shape_config(shapes.teacher, vocab, self.family, **ids),
+                   "student": shape_config(shapes.student, vocab, self.family, **ids)}
         self.params = {what: num_parameters(cfg) for what, cfg in configs.items()}
-        key = {"tokenizer": self.keys["tokenizer"], "family": self.family, "quick": quick, "seed": self.seed}
+        key = {"tokenizer": self.keys["tokenizer"], "family": self.family, "seed": self.seed,
+               **({"quick": True} if self.sched.models == "quick" else {"models": self.sched.models})}
         self._setup_stage("init", key, [self.paths.init(w) / "config.json" for w in configs],
                           functools.partial(self._write_initial_models, configs), after="tokenizer")
         t, s = self.params["teacher"], self.params["student"]
@@ -568,7 +600,7 @@ class DemoRun:
         ``cbd_scratch`` row's start)."""
         from .configs import num_parameters, special_token_ids
 
-        configs = cbd.configs(len(self.tok), self.family, self.sched.quick_models, **special_token_ids(self.tok))
+        configs = cbd.configs(len(self.tok), self.family, self.sched.models, **special_token_ids(self.tok))
         counts = {what: num_parameters(cfg) for what, cfg in configs.items()}
         self.params.update({name: counts["student"] for name, _ in cbd.ROWS},
                            **{name: counts[name] for name in cbd.ANCHORS})
@@ -629,11 +661,34 @@ class DemoRun:
 
     # jobs -------------------------------------------------------------------------------------------------------------
     def _distill_job(self, name: str, values: dict, deps: List[str], cost: float, **job) -> Job:
-        """A ``minillm-fast distill`` job: its config (``common`` + ``values``) written to ``configs/{name}.yaml``."""
+        """A ``minillm-fast distill`` job: its config (``common`` + ``values``) written to ``configs/{name}.yaml``.
+        With ``reuse_runs`` a student run of an earlier demo in ``--out`` is reused (not trained again) when its config
+        and everything upstream of it (initial models, teacher, CBD chain, the runs it starts from) are unchanged."""
         values = dict(self.common, **values, output_dir=str(self.paths.run(name)))
         path = _write_yaml(self.paths.config(name), values)
+        if "cached" not in job:             # the teacher decides its own reuse
+            job = self._reusable_run(name, values, deps, job)
         return Job(name, "train", ["distill", "--config", str(path)], deps=deps, cost=cost,
                    total_steps=int(values["total_iters"]), run_dir=str(self.paths.run(name)), **job)
+
+    def _reusable_run(self, name: str, values: dict, deps: List[str], job: dict) -> dict:
+        """``job`` with ``after`` recording the run's cache key when it has trained (always, so that a later
+        ``--reuse-runs`` can reuse it) and, with ``reuse_runs``, ``cached`` when the recorded key matches."""
+        upstream = {k: self.keys.get(k) for k in ("init", "teacher", "cbd_init", "cbd_chain")}
+        key = {"values": values, "upstream": upstream, "runs": {d: self.keys.get(f"run:{d}") for d in deps}}
+        outputs = [self.paths.run(name) / "best" / "config.json"]
+        cached = self.reuse_runs and self.cache.valid(f"run:{name}", key, *outputs)
+        self.keys[f"run:{name}"] = key
+        then = job.get("after")
+        store = functools.partial(self.cache.store, f"run:{name}", key)
+        if cached:
+            self._record_cached(name, "train")
+            self.say(f"  cached {name:24s} {0.0:7.1f} s")
+            if then is not None:
+                then()          # what a finished run leaves for the later stages (the SFT selection, SeqKD data)
+        else:
+            self.cache.drop(f"run:{name}")
+        return dict(job, cached=cached, after=store if then is None else (lambda: (then(), store())))
 
     def _eval_job(self, name: str, model_dir: Path, deps: List[str], cost: float, *, with_teacher: bool = False,
                   **job) -> Job:
@@ -816,7 +871,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "OUT/eval/<method>/results.{json,md}, OUT/configs/*.yaml, OUT/logs/*.log.")
     parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--quick", action="store_true",
-                        help="smaller data and short schedules: a ~2-minute smoke run whose numbers mean nothing")
+                        help="smaller data and short schedules: a ~2-minute smoke run whose numbers mean nothing "
+                             "(the same as --profile quick)")
+    parser.add_argument("--profile", choices=tuple(PROFILES), default=None,
+                        help="default: the ~15-minute run; quick: the smoke run; long: larger models, twice the data "
+                             "and steps, about 1 to 2 hours on 2 cores (docs/results/ has one)")
+    parser.add_argument("--reuse-runs", action="store_true",
+                        help="reuse the student runs of an earlier demo in --out whose configs and inputs are "
+                             "unchanged (evaluation and the report run again)")
     parser.add_argument("--fresh", action="store_true",
                         help="rebuild the cached data, tokenizer and teacher instead of reusing them")
     parser.add_argument("--family", default="llama", choices=("gpt2", "llama"),
@@ -838,10 +900,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--jobs={args.jobs} must be >= 1")
     if args.threads < 1:
         parser.error(f"--threads={args.threads} must be >= 1")
+    if args.quick and args.profile not in (None, "quick"):
+        parser.error(f"--quick and --profile {args.profile} contradict each other (--quick is --profile quick)")
+    if args.fresh and args.reuse_runs:
+        parser.error("--fresh removes the runs that --reuse-runs would reuse: pass one of them")
     _quiet_transformers()
     try:
-        result = run_demo(args.out, quick=args.quick, fresh=args.fresh, family=args.family, jobs=args.jobs,
-                          threads=args.threads, seed=args.seed)
+        result = run_demo(args.out, quick=args.quick, profile=args.profile, fresh=args.fresh,
+                          reuse_runs=args.reuse_runs, family=args.family, jobs=args.jobs, threads=args.threads,
+                          seed=args.seed)
     except DemoError as e:
         print(f"minillm-fast demo: error: {e}", file=sys.stderr)
         return 1

@@ -389,7 +389,7 @@ def _schedule_lines(info: dict) -> List[str]:
              f"valid examples; test on all {sched['sizes']['test']}",
              f"* models ({info['family']}): teacher {info['params']['teacher'] / 1e6:.2f}M parameters, students "
              f"{info['params']['student'] / 1e6:.2f}M ({info['params']['teacher'] / info['params']['student']:.1f}x "
-             f"smaller); {'quick' if sched['quick_models'] else 'default'} shapes of minillm_fast.demo.configs"]
+             f"smaller); the {sched['models']!r} shapes of minillm_fast.demo.configs.MODEL_SETS"]
     for key in ("teacher", "sft", "kd", "seqkd", "minillm", "okd", "cbd_link"):
         if sched.get(key):
             lines.append(f"* {key}: " + ", ".join(f"{k}={v}" for k, v in sched[key].items()))

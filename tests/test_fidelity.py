@@ -110,26 +110,30 @@ def _log_probs(model, ids, vocab):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_forward_kl_by_step_equals_a_brute_force(arch):
+def test_kl_by_step_equals_a_brute_force(arch):
     tok, student, teacher, examples = _models(arch)
     vocab = len(tok)
     gen = torch.Generator().manual_seed(3)
     # two response sets of uneven lengths (1 to 6 tokens), random tokens: the prefixes need not be likely
     sets = [[torch.randint(3, vocab, (int(torch.randint(1, 7, (1,), generator=gen)),), generator=gen).tolist()
              for _ in examples] for _ in range(2)]
-    sums, counts = F.forward_kl_by_step(teacher, student, examples, sets, steps=8, pad_id=tok.pad_token_id,
-                                        vocab_size=vocab, batch_size=3, backend="torch")
+    got = F.kl_by_step(teacher, student, examples, sets, steps=8, pad_id=tok.pad_token_id, vocab_size=vocab,
+                       batch_size=3, backend="torch")
     want_s, want_c = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.long)
+    want_r, want_n = torch.zeros(len(examples), dtype=torch.float64), torch.zeros(len(examples), dtype=torch.long)
     for responses in sets:
-        for ex, resp in zip(examples, responses):
+        for i, (ex, resp) in enumerate(zip(examples, responses)):
             seq, p0 = ex.prompt_ids + resp, len(ex.prompt_ids)
             lp, lq = _log_probs(teacher, seq, vocab), _log_probs(student, seq, vocab)
             for t in range(len(resp)):                              # step t: predicted after prompt + resp[:t]
                 row = p0 - 1 + t
                 want_s[t] += (lp[row].exp() * (lp[row] - lq[row])).sum()
                 want_c[t] += 1
-    assert counts.tolist() == want_c.tolist()
-    torch.testing.assert_close(sums, want_s, rtol=1e-9, atol=1e-12)
+                want_r[i] += (lq[row].exp() * (lq[row] - lp[row])).sum()
+                want_n[i] += 1
+    assert got.counts.tolist() == want_c.tolist() and got.tokens.tolist() == want_n.tolist()
+    torch.testing.assert_close(got.sums, want_s, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.reverse_sums, want_r, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -194,6 +198,10 @@ def test_evaluate_adds_the_measurements_and_exaccerr_with_a_teacher(tmp_path):
     assert res["exposure_bias"]["lengths"][0] == 1 and res["exposure_bias"]["exaccerr"][0] == pytest.approx(0.0)
     assert "ExAccErr(" in (tmp_path / "student_eval" / "results.md").read_text() or not res["exaccerr"]
     assert 0.0 <= res["ece"] <= 1.0
+    # the reverse KL on the student's own samples: per example, and the token mean over all of them
+    per = res["rev_kl_per_example"]
+    assert len(per) == res["n_examples"] and all(x >= 0 for x in per) and res["rev_kl"] > 0
+    assert min(per) <= res["rev_kl"] <= max(per)
 
 
 def test_evaluate_refuses_bad_teacher_inputs_naming_the_argument(tmp_path, capsys):

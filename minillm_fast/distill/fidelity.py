@@ -31,7 +31,7 @@ example and model, not ``seeds x (prompt + response)``.
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -177,43 +177,59 @@ def response_hidden(model, prompt_ids: Tensor, prompt_mask: Tensor, responses: S
 
 
 def _batches(examples, responses: Sequence[Sequence[Sequence[int]]], batch_size: int, pad_id: int, device):
-    """Batches of ``(prompt_ids, prompt_mask, [response_ids per set], [response_mask per set])`` on ``device``;
-    ``responses[k][i]``: the token ids of set ``k``'s response to example ``i``. Examples go in order of prompt
-    length (callers only sum over them): padding prompts to the longest of a batch then costs little."""
+    """Batches of ``(indices, prompt_ids, prompt_mask, [response_ids per set], [response_mask per set])`` on
+    ``device``; ``responses[k][i]``: the token ids of set ``k``'s response to example ``i``; ``indices``: the examples
+    of the batch. Examples go in order of prompt length: padding prompts to the longest of a batch then costs
+    little."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         prompts = collate_prompts([examples[i] for i in idx], pad_id)
         ids = [pad_right([r[i] for i in idx], pad_id).to(device) for r in responses]
         masks = [pad_right([[1] * len(r[i]) for i in idx], 0, dtype=torch.bool).to(device) for r in responses]
-        yield prompts["input_ids"].to(device), prompts["attention_mask"].to(device), ids, masks
+        yield idx, prompts["input_ids"].to(device), prompts["attention_mask"].to(device), ids, masks
+
+
+class StepKL(NamedTuple):
+    """What :func:`kl_by_step` sums over a set of responses."""
+
+    sums: Tensor            # [steps] float64: KL(p_t || q_t) summed over the responses still generating at step t
+    counts: Tensor          # [steps] int64: those responses
+    reverse_sums: Tensor    # [n_examples] float64: KL(q_t || p_t) summed over an example's responses and steps
+    tokens: Tensor          # [n_examples] int64: the tokens of those responses
 
 
 @torch.no_grad()
-def forward_kl_by_step(teacher, student, examples, responses: Sequence[Sequence[Sequence[int]]], *, steps: int,
-                       pad_id: int, vocab_size: Optional[int] = None, batch_size: int = 32,
-                       backend: str = "auto") -> tuple[Tensor, Tensor]:
+def kl_by_step(teacher, student, examples, responses: Sequence[Sequence[Sequence[int]]], *, steps: int,
+               pad_id: int, vocab_size: Optional[int] = None, batch_size: int = 32,
+               backend: str = "auto") -> StepKL:
     """``KL(p_t || q_t)`` per generation step summed over the given responses, and their count per step
-    (``sum_by_step``), with the prefixes ``prompt_i + responses[k][i][:t]``.
+    (``sum_by_step``), with the prefixes ``prompt_i + responses[k][i][:t]``; and, from the same forward passes, the
+    reverse ``KL(q_t || p_t)`` summed per example (MiniLLM's objective on these responses: on the student's own
+    samples, ``reverse_sums / tokens`` is an example's token-mean reverse KL).
 
     ``responses[k][i]`` is set ``k``'s (a seed's) token ids for ``examples[i]``, at most ``steps`` long. Computed by
-    :func:`minillm_fast.fused_divergence` (``forward_kl``, ``reduction="none"``) from both models' hidden states and
-    heads, without the ``[tokens, V]`` logits."""
+    :func:`minillm_fast.fused_divergence` (``reduction="none"``) from both models' hidden states and heads, without
+    the ``[tokens, V]`` logits."""
     device = next(student.parameters()).device
     s_head, t_head = head_of(student), head_of(teacher)
-    sums = torch.zeros(steps, dtype=torch.float64)
-    counts = torch.zeros(steps, dtype=torch.long)
-    for prompt_ids, prompt_mask, ids, masks in _batches(examples, responses, batch_size, pad_id, device):
+    out = StepKL(torch.zeros(steps, dtype=torch.float64), torch.zeros(steps, dtype=torch.long),
+                 torch.zeros(len(examples), dtype=torch.float64), torch.zeros(len(examples), dtype=torch.long))
+    heads = dict(vocab_size=vocab_size, backend=backend, **s_head.options("student"), **t_head.options("teacher"))
+    for idx, prompt_ids, prompt_mask, ids, masks in _batches(examples, responses, batch_size, pad_id, device):
         hs = response_hidden(student, prompt_ids, prompt_mask, ids, masks)
         ht = response_hidden(teacher, prompt_ids, prompt_mask, ids, masks)
+        rows = torch.tensor(idx)
         for h_s, h_t, m in zip(hs, ht, masks):
-            kl = fused_divergence(h_s, s_head.weight, h_t.to(h_s.dtype), t_head.weight.to(h_s.dtype),
-                                  divergence="forward_kl", reduction="none", mask=m, vocab_size=vocab_size,
-                                  backend=backend, **s_head.options("student"), **t_head.options("teacher"))
-            s, c = sum_by_step(kl, m, steps)
-            sums += s
-            counts += c
-    return sums, counts
+            w_s, w_t, h_t = s_head.weight, t_head.weight.to(h_s.dtype), h_t.to(h_s.dtype)
+            forward = fused_divergence(h_s, w_s, h_t, w_t, divergence="forward_kl", reduction="none", mask=m, **heads)
+            reverse = fused_divergence(h_s, w_s, h_t, w_t, divergence="reverse_kl", reduction="none", mask=m, **heads)
+            s, c = sum_by_step(forward, m, steps)
+            out.sums.add_(s)
+            out.counts.add_(c)
+            out.reverse_sums.index_add_(0, rows, (reverse.double().cpu() * m.cpu()).sum(-1))
+            out.tokens.index_add_(0, rows, m.cpu().sum(-1))
+    return out
 
 
 @torch.no_grad()
@@ -226,7 +242,7 @@ def next_token_calibration(model, examples, *, pad_id: int, vocab_size: Optional
     head = head_of(model)
     confidence, correct = [], []
     refs = [[e.response_ids for e in examples]]
-    for prompt_ids, prompt_mask, ids, masks in _batches(examples, refs, batch_size, pad_id, device):
+    for _, prompt_ids, prompt_mask, ids, masks in _batches(examples, refs, batch_size, pad_id, device):
         h = response_hidden(model, prompt_ids, prompt_mask, ids, masks)[0][masks[0]]      # [n, H]
         target = ids[0][masks[0]]                                                          # [n]
         for start in range(0, h.shape[0], CHUNK):
@@ -252,7 +268,9 @@ def measure(model, tokenizer, examples, predictions: dict, *, max_new_tokens: in
         teacher, teacher_predictions: the teacher and its evaluation samples on the same examples (same layout):
             with both, the exposure bias of ``model`` as a student of ``teacher``.
     Returns ``{"per_seed": {seed: {"length", "distinct4"}}, "calibration": {...}}`` and, with a teacher,
-    ``"exposure_bias"`` (the ExAccErr curve) and ``"exaccerr"`` (``at_lengths``).
+    ``"exposure_bias"`` (the ExAccErr curve), ``"exaccerr"`` (``at_lengths``), ``"rev_kl"`` (the token-mean
+    ``KL(q || p)`` over every seed's samples, MiniLLM's objective measured on the test set) and
+    ``"rev_kl_per_example"`` (each example's token mean over its seeds' samples, for paired tests).
     """
     from .heads import real_vocab_size
 
@@ -271,10 +289,13 @@ def measure(model, tokenizer, examples, predictions: dict, *, max_new_tokens: in
             teacher.eval()
             oracle = [response_token_ids(tokenizer, texts, max_new_tokens) for texts in teacher_predictions.values()]
             kw = dict(steps=max_new_tokens, pad_id=pad_id, vocab_size=vocab, batch_size=batch_size, backend=backend)
-            s = forward_kl_by_step(teacher, model, examples, list(tokens.values()), **kw)
-            o = forward_kl_by_step(teacher, model, examples, oracle, **kw)
-            curve = exposure_bias(*s, *o, min_fraction=min_fraction)
-            out.update(exposure_bias=curve, exaccerr=at_lengths(curve))
+            s = kl_by_step(teacher, model, examples, list(tokens.values()), **kw)
+            o = kl_by_step(teacher, model, examples, oracle, **kw)
+            curve = exposure_bias(s.sums, s.counts, o.sums, o.counts, min_fraction=min_fraction)
+            per_example = (s.reverse_sums / s.tokens.clamp(min=1)).tolist()
+            out.update(exposure_bias=curve, exaccerr=at_lengths(curve),
+                       rev_kl=float(s.reverse_sums.sum() / s.tokens.sum().clamp(min=1)),
+                       rev_kl_per_example=per_example)
     finally:
         model.train(was_training)
     return out

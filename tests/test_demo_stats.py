@@ -88,7 +88,8 @@ def test_collect_rows_reads_the_measurements_and_the_interval(tmp_path):
            "rougeL_mean": 25.0, "rougeL_std": 5.0, "exact_match_mean": 0.0, "exact_match_std": 0.0,
            "per_example": {"10": {"rougeL": [10.0, 30.0]}, "20": {"rougeL": [20.0, 40.0]}},
            "ece": 0.123, "exaccerr": {"8": 4.5, "16": -2.0}, "length_mean": 21.5, "distinct4_mean": 97.0,
-           "exposure_bias": {"lengths": [1, 2], "exaccerr": [0.0, 4.5]}}
+           "exposure_bias": {"lengths": [1, 2], "exaccerr": [0.0, 4.5]}, "rev_kl": 0.75,
+           "rev_kl_per_example": [0.5, 1.0]}
     (tmp_path / "eval" / "kd").mkdir(parents=True)
     (tmp_path / "eval" / "kd" / "results.json").write_text(json.dumps(res))
     rows = report.collect_rows(tmp_path, [("kd", "KD"), ("sft", "SFT w/o KD")], {"student": 1})
@@ -97,9 +98,32 @@ def test_collect_rows_reads_the_measurements_and_the_interval(tmp_path):
     lo, hi = kd["rougeL_ci"]
     assert lo < 25.0 < hi
     table = measures.markdown_table(rows)
-    assert "| kd | +4.5 | -2.0 | n/a | 0.123 | 21.5 | 97.0 |" in table
-    assert "| sft | n/a | n/a | n/a | n/a | n/a | n/a |" in table
+    assert "| kd | 0.750 | +4.5 | -2.0 | n/a | 0.123 | 21.5 | 97.0 |" in table
+    assert "| sft | n/a | n/a | n/a | n/a | n/a | n/a | n/a |" in table
+    assert kd["rev_kl_per_example"] == [0.5, 1.0]
     assert "[" in report.markdown_table(rows).splitlines()[2]
+
+
+def test_minillms_objective_is_compared_prompt_by_prompt():
+    """The test reverse KL ranks the students, and MiniLLM against each other student is called significant only
+    where the paired test says so."""
+    from minillm_fast.demo import stats
+
+    base = [0.5 + 0.01 * i for i in range(40)]
+    rows = [dict(name="teacher", label="teacher", test_rev_kl=None),
+            dict(name="kd", label="KD", test_rev_kl=0.9, rev_kl_per_example=[x + 0.3 for x in base]),
+            dict(name="seqkd", label="SeqKD", test_rev_kl=0.7,
+                 rev_kl_per_example=[x + (0.01 if i % 2 else -0.01) for i, x in enumerate(base)]),
+            dict(name="minillm", label="MiniLLM", test_rev_kl=0.7, rev_kl_per_example=base),
+            dict(name="cbd", label="CBD", test_rev_kl=0.1, rev_kl_per_example=[0.1] * 40)]
+    lines = measures.objective_findings(rows, stats.paired_comparison)
+    assert "MiniLLM is number 1 of 3" in lines[0] or "MiniLLM is number 2 of 3" in lines[0]
+    vs_kd = next(line for line in lines if line.startswith("MiniLLM vs KD"))
+    vs_seqkd = next(line for line in lines if line.startswith("MiniLLM vs SeqKD"))
+    assert "-0.300" in vs_kd and vs_kd.count("significant (p") == 1
+    assert "not distinguishable from noise" in vs_seqkd
+    assert not any("CBD" in line for line in lines)
+    assert measures.objective_findings(rows[:2], stats.paired_comparison) == []
 
 
 def test_measures_plots_are_written(tmp_path):

@@ -16,7 +16,8 @@ LENGTHS = ("8", "16", "32")        # the ExAccErr(l) columns (distill/fidelity.R
 def row_fields(res: dict) -> dict:
     """The fields of a report row taken from one ``results.json`` (None where the evaluation did not measure them)."""
     return {"ece": res.get("ece"), "exaccerr": res.get("exaccerr"), "exposure_curve": res.get("exposure_bias"),
-            "length_mean": res.get("length_mean"), "distinct4_mean": res.get("distinct4_mean")}
+            "length_mean": res.get("length_mean"), "distinct4_mean": res.get("distinct4_mean"),
+            "test_rev_kl": res.get("rev_kl"), "rev_kl_per_example": res.get("rev_kl_per_example")}
 
 
 def _num(x: Optional[float], fmt: str) -> str:
@@ -27,13 +28,44 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """One row per model: ExAccErr(l) in % (students; the teacher is the reference), ECE, mean response length in
     tokens and distinct-4 (x 100), means over the seeds."""
     head = " | ".join(f"ExAccErr({l}) %" for l in LENGTHS)
-    lines = [f"| model | {head} | ECE | length (tokens) | Dist-4 |", "| --- |" + " --- |" * (len(LENGTHS) + 3)]
+    lines = [f"| model | rev. KL (test) | {head} | ECE | length (tokens) | Dist-4 |",
+             "| --- |" + " --- |" * (len(LENGTHS) + 4)]
     for r in rows:
         exacc = r.get("exaccerr") or {}
         cells = [_num(exacc.get(l), "{:+.1f}") for l in LENGTHS]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {_num(r.get('ece'), '{:.3f}')} | "
-                     f"{_num(r.get('length_mean'), '{:.1f}')} | {_num(r.get('distinct4_mean'), '{:.1f}')} |")
+        lines.append(f"| {r['name']} | {_num(r.get('test_rev_kl'), '{:.3f}')} | " + " | ".join(cells) +
+                     f" | {_num(r.get('ece'), '{:.3f}')} | {_num(r.get('length_mean'), '{:.1f}')} | "
+                     f"{_num(r.get('distinct4_mean'), '{:.1f}')} |")
     return "\n".join(lines)
+
+
+def objective_findings(rows: Sequence[dict], paired) -> List[str]:
+    """Sentences on MiniLLM's own objective measured on the test set: the reverse KL(student || teacher), token mean
+    over every seed's samples of every test prompt (``rev_kl`` of distill/fidelity.py; far less noisy than the
+    validation number of one seed), students ranked, and MiniLLM against each other student by ``paired``
+    (``stats.paired_comparison``) over the per-prompt values."""
+    # the CBD rows train a larger student from other starts (their own section): not compared here
+    have = {r["name"]: r for r in rows
+            if r.get("test_rev_kl") is not None and r["name"] != "teacher" and not r["name"].startswith("cbd")}
+    if "minillm" not in have or len(have) < 2:
+        return []
+    ranked = sorted(have, key=lambda n: have[n]["test_rev_kl"])
+    out = ["Test reverse KL(student || teacher) on the students' own samples, the quantity MiniLLM minimises "
+           f"(token mean over {len(have['minillm']['rev_kl_per_example'] or [])} prompts x every seed): "
+           + ", ".join(f"{have[n]['label']} {have[n]['test_rev_kl']:.3f}" for n in ranked)
+           + f"; MiniLLM is number {ranked.index('minillm') + 1} of {len(ranked)}."]
+    from .stats import verdict
+
+    for name in ranked:
+        if name == "minillm":
+            continue
+        a, b = have["minillm"].get("rev_kl_per_example"), have[name].get("rev_kl_per_example")
+        if not a or not b or len(a) != len(b) or len(a) < 2:
+            continue
+        t = paired(a, b)
+        out.append(f"MiniLLM vs {have[name]['label']}: {t['mean_diff']:+.3f} per-prompt reverse KL "
+                   f"[{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], {verdict(t['p'])}.")
+    return out
 
 
 def findings(rows: Sequence[dict]) -> List[str]:

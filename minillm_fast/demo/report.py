@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
-from . import measures, stats
+from . import curves, measures, stats
 
 __all__ = ["collect_rows", "markdown_table", "paired_table", "write_report", "plot_rouge", "plot_rev_kl",
            "TUNING_NOTES"]
@@ -449,6 +449,26 @@ def write_report(out_dir, rows: Sequence[dict], timings: Mapping[str, dict], inf
            "appendix B.4). distill/fidelity.py has the definitions.", "",
            measures.markdown_table(rows), ""]
     md += [f"* {s}" for s in measures.findings(rows)]
+    objective = measures.objective_findings(rows, stats.paired_comparison)
+    students = {n: lab for n, lab in labels.items() if n != "teacher" and not n.startswith("cbd")}
+    sft_step = (init_point or {}).get("step")
+    runs = curves.all_series(out_dir, list(students), sft_step)
+    noise = curves.eval_noise(runs)
+    if objective:
+        md += ["", "### MiniLLM's objective on the test set", "",
+               "The validation reverse KL of the first table is one sampling seed on the validation prompts"
+               + (f": between consecutive evaluations late in a run it moves by {noise:.3f} (median over the runs), "
+                  "as much as many gaps between methods" if noise is not None else "")
+               + ". Here the same quantity over every seed's samples of every test prompt, with paired tests over "
+               f"the prompts ({stats.TEST_NAME.split(' over ')[0]} on each prompt's token-mean reverse KL):",
+               ""] + [f"* {s}" for s in objective]
+    curves_png = curves.plot_curves(runs, students, out_dir / "curves.png", _plt)
+    md += ["", "## Learning curves and compute", "",
+           "Every student's validation reverse KL and Rouge-L against the optimiser seconds and the training tokens "
+           "spent to reach each evaluation (MiniLLM and its ablations from the cost of the SFT checkpoint they "
+           "start from):", ""] + curves.compute_lines(out_dir, students, sft_step)
+    if curves_png is not None:
+        md += ["", f"![learning curves]({curves_png.name})"]
     for png, alt in ((exacc_png, "ExAccErr by generation length"), (measures_png, "ECE, length and distinct-4")):
         if png is not None:
             md += ["", f"![{alt}]({png.name})"]

@@ -157,21 +157,20 @@ QUICK = Schedule(
 # valid reverse KL), 300 test prompts. Methods at equal compute: MiniLLM's steps are chosen so that MiniLLM with the SFT
 # run it starts from costs about what KD costs (in the default profile's timings MiniLLM 160 steps + SFT 600 took
 # 1.2x KD's 600), not the same number of steps: one MiniLLM step costs a rollout share and a PPO update.
-LONG = Schedule(
+def _longer(stage: dict, factor: int = 2) -> dict:
+    """A stage's keys with ``factor`` times the steps, warm-up and evaluation interval."""
+    return dict(stage, **{k: factor * stage[k] for k in ("total_iters", "warmup_steps", "eval_interval") if k in stage})
+
+
+LONG = dataclasses.replace(
+    FULL,
     name="long",
     models="long",
     sizes={"train": 8000, "valid": 300, "test": 300},
     pretrain_lines=6000,
-    common=dict(_COMMON, max_valid_samples=200),
-    teacher=dict(batch_size=16, total_iters=3000, lr=2e-3, warmup_steps=60, eval_interval=500),
-    sft=dict(batch_size=16, total_iters=1200, lr=3e-3, warmup_steps=60, eval_interval=200),
-    kd=dict(batch_size=16, total_iters=1200, lr=3e-3, warmup_steps=60, eval_interval=200),
-    seqkd=dict(batch_size=16, total_iters=1200, lr=3e-3, warmup_steps=60, eval_interval=200, rollout_batch_size=100),
-    minillm=dict(batch_size=16, num_rollouts=64, rollout_batch_size=64, ppo_epochs=2, total_iters=320, lr=5e-4,
-                 warmup_steps=16, eval_interval=64, pt_batch_size=8),
-    okd=dict(batch_size=16, total_iters=1200, lr=3e-3, warmup_steps=60, eval_interval=200),
-    cbd_link=dict(batch_size=16, total_iters=400, lr=3e-3, warmup_steps=40, eval_interval=200, eval_generate=False,
-                  select_metric="loss"),
+    common=dict(FULL.common, max_valid_samples=200),
+    teacher=dict(_longer(FULL.teacher), lr=2e-3),
+    **{stage: _longer(getattr(FULL, stage)) for stage in ("sft", "kd", "seqkd", "minillm", "okd", "cbd_link")},
 )
 
 PROFILES = {"default": FULL, "quick": QUICK, "long": LONG}

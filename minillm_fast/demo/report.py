@@ -58,6 +58,14 @@ seeds; "valid" = 100 validation examples, one seed):
   its validation reverse KL ended lowest of the students. Ablations in tuning (lr 1e-3, lm_coef 0.1): w/o
   length normalisation 27.3, w/o teacher-mixed sampling 28.7, w/o the single-step term 22.9 (its validation reverse
   KL rose from 1.0 to 1.4: the policy-gradient term alone, at this lr, moves away from the teacher).
+* **Against the reference** (microsoft/LMOps ``minillm/losses.py`` and ``reward.py``, read again for issue 20): the
+  PPO term is ``max(-A r w, -A clip(r w, 1 +- 0.2))`` with ``r = q / q_old`` and the importance weight ``w`` inside
+  the clip, as there; the reward is ``log p - log q_old`` over the reward scaling 0.5, clipped to +-100; the
+  advantage is the discounted return (gamma 0.95) over the remaining length, whitened (there over the padded tensor,
+  here over the valid tokens); the single-step term is the full-vocabulary ``KL(q || p)`` per response token; the
+  pre-training term 0.5 CE + 0.5 KD with weight 1.0; alpha 0.2. Nothing was found to fix. The lr is the demo's own
+  (5e-4 for 160 steps against the reference's 5e-6 for 5000 on GPT-2 scale; KD's 3e-3): ``python -m
+  minillm_fast.demo.same_init`` runs MiniLLM at KD's lr too.
 * **Pre-training term.** The students never saw the corpus (the paper's students were pre-trained on it), so its CE
   starts near 4.9 and dominates the gradient norm early (clipped to 1.0); scaling it by 0.1 made no clear difference.
 * **OKD** (online KD, distill/methods/okd.py) from the initial student, with KD's schedule (600 steps of batch 16,

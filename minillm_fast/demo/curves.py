@@ -113,10 +113,11 @@ def compute_lines(out_dir: Path, labels: Mapping[str, str], sft_step: Optional[i
     return lines
 
 
-def plot_curves(curves: Mapping[str, List[dict]], labels: Mapping[str, str], path, plt_factory) -> Optional[Path]:
+def plot_curves(curves: Mapping[str, List[dict]], labels: Mapping[str, str], path, plt_factory,
+                start: str = "MiniLLM: from its SFT init's cost") -> Optional[Path]:
     """``curves.png``: validation reverse KL (top) and Rouge-L (bottom) against optimiser seconds (left) and training
-    tokens (right), one line per student; MiniLLM's runs start at their SFT initialisation's cost. None when no run
-    has evaluations."""
+    tokens (right), one line per student; MiniLLM's runs start at their SFT initialisation's cost (``start`` says
+    where the axes start). None when no run has evaluations."""
     if not curves:
         return None
     plt = plt_factory()
@@ -135,8 +136,8 @@ def plot_curves(curves: Mapping[str, List[dict]], labels: Mapping[str, str], pat
                     axes[row][col].plot(*zip(*pts), marker="o", ms=2.5, label=labels.get(name, name), **style)
     axes[0][0].set_ylabel("validation reverse KL(student || teacher)", fontsize=8)
     axes[1][0].set_ylabel("validation Rouge-L (one seed)", fontsize=8)
-    axes[1][0].set_xlabel("optimiser seconds (MiniLLM: from its SFT init's cost)", fontsize=8)
-    axes[1][1].set_xlabel("training tokens (MiniLLM: from its SFT init's)", fontsize=8)
+    axes[1][0].set_xlabel(f"optimiser seconds ({start})", fontsize=8)
+    axes[1][1].set_xlabel(f"training tokens ({start})", fontsize=8)
     for ax in (a for row in axes for a in row):
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)

@@ -96,7 +96,8 @@ def run(demo: Path, out: Path, *, eval_interval: int, valid_samples: int, jobs: 
                             total_steps=int(cfg["total_iters"]), run_dir=cfg["output_dir"]))
     run_jobs(job_list, n_parallel=jobs, threads=1, log_dir=out / "logs", timings={}, say=say)
     labels = dict(METHODS)
-    png = curves.plot_curves({n: curves.series(out / "runs" / n) for n in labels}, labels, out / "curves.png", _plt)
+    png = curves.plot_curves({n: curves.series(out / "runs" / n) for n in labels}, labels, out / "curves.png", _plt,
+                             start="all from the same SFT checkpoint, at 0")
     md = ["# KD, SeqKD and MiniLLM from the same SFT checkpoint", "",
           f"Demo run: `{demo}`; every run starts from its SFT checkpoint of lowest validation loss and trains "
           f"{cfgs['kd']['total_iters']} optimiser steps with the demo's settings otherwise (`configs/`), evaluated at "

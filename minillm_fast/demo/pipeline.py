@@ -47,7 +47,10 @@ are reused by the next run when the settings that made them are unchanged (``cac
 rebuilds everything. The students are trained again on every run.
 
 ``--quick`` runs the same pipeline on a smaller data set with short schedules: a smoke test of the plumbing (138 s on
-two cores), whose numbers mean nothing.
+two cores), whose numbers mean nothing. ``--profile long`` (``LONG``) runs it with a 2.6M teacher and 0.5M students,
+twice the data and the steps: about 1 to 2 hours on two cores (docs/results/ holds one run's report).
+``--reuse-runs`` keeps the student runs of an earlier demo in ``--out`` whose configs and inputs are unchanged, so a
+changed evaluation or report reruns without training again.
 """
 from __future__ import annotations
 

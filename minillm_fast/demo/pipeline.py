@@ -155,16 +155,16 @@ QUICK = Schedule(
     eval_batch_size=20,
 )
 
-# The long profile (``--profile long``, about 1 to 2 hours on 2 cores): a 2.6M teacher and 0.5M students (3x and 2.3x
-# the default profile's), twice the data and every stage's steps, 200 validation samples per evaluation (half the
-# variance of the valid reverse KL), 300 test prompts. Compute is not equalised by construction: in the default
-# profile MiniLLM with its SFT run costs about 1.2x KD; in the long profile's committed run 1.89x (the larger teacher
-# makes rollouts dearer); the report's compute table states the ratio of each run.
 def _longer(stage: dict, factor: int = 2) -> dict:
     """A stage's keys with ``factor`` times the steps, warm-up and evaluation interval."""
     return dict(stage, **{k: factor * stage[k] for k in ("total_iters", "warmup_steps", "eval_interval") if k in stage})
 
 
+# The long profile (``--profile long``, about 1 to 2 hours on 2 cores): a 2.6M teacher and 0.5M students (3x and 2.3x
+# the default profile's), twice the data and every stage's steps, 200 validation samples per evaluation (half the
+# variance of the valid reverse KL), 300 test prompts. Compute is not equalised by construction: in the default
+# profile MiniLLM with its SFT run costs about 1.2x KD; in the long profile's committed run 1.89x (the larger teacher
+# makes rollouts dearer); the report's compute table states the ratio of each run.
 LONG = dataclasses.replace(
     FULL,
     name="long",

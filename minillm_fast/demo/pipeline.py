@@ -36,11 +36,11 @@ Every training and evaluation job is the command a user runs, ``python -m minill
 most 2) with ``--threads`` each (default 1), in dependency order, longest first; the teacher, which every other
 job but SFT waits for, runs alone with all the threads (on 2 free
 cores, 2 threads made its steps 1.7x faster; two processes with 2 threads each on 2 cores were 1.5-3x slower than
-with one, OpenMP spin-waiting). Ready jobs start by critical path (``critical_path``). The full demo, OKD and the
-CBD rows included, took 14.2 minutes (853 s, ``--fresh``, 30 jobs) on the 2-core development machine (AMD EPYC),
-within the 15-minute budget but close to it; a second run reuses the cached teacher and the chain (about 3.5 minutes
-of it). The C++ extension
-of the fused ops compiles once per machine first (about a minute).
+with one, OpenMP spin-waiting). Ready jobs start by critical path (``critical_path``). The full demo, OKD, the CBD
+rows and the report's measurements included, took 13.9 minutes (835 s, ``--fresh``, 30 jobs) on the 2-core
+development machine (AMD EPYC), within the 15-minute budget but close to it; a second run reuses the cached teacher
+and the chain (about 3.5 minutes of it). The C++ extension of the fused ops compiles once per machine first (about a
+minute).
 
 Caching: the data, the tokenizer, the initial models, the teacher (with its SeqKD responses and its test evaluation)
 are reused by the next run when the settings that made them are unchanged (``cache.json`` records them); ``--fresh``

@@ -107,8 +107,6 @@ def test_collect_rows_reads_the_measurements_and_the_interval(tmp_path):
 def test_minillms_objective_is_compared_prompt_by_prompt():
     """The test reverse KL ranks the students, and MiniLLM against each other student is called significant only
     where the paired test says so."""
-    from minillm_fast.demo import stats
-
     base = [0.5 + 0.01 * i for i in range(40)]
     rows = [dict(name="teacher", label="teacher", test_rev_kl=None),
             dict(name="kd", label="KD", test_rev_kl=0.9, rev_kl_per_example=[x + 0.3 for x in base]),
@@ -116,14 +114,14 @@ def test_minillms_objective_is_compared_prompt_by_prompt():
                  rev_kl_per_example=[x + (0.01 if i % 2 else -0.01) for i, x in enumerate(base)]),
             dict(name="minillm", label="MiniLLM", test_rev_kl=0.7, rev_kl_per_example=base),
             dict(name="cbd", label="CBD", test_rev_kl=0.1, rev_kl_per_example=[0.1] * 40)]
-    lines = measures.objective_findings(rows, stats.paired_comparison)
+    lines = measures.objective_findings(rows)
     assert "MiniLLM is number 1 of 3" in lines[0] or "MiniLLM is number 2 of 3" in lines[0]
     vs_kd = next(line for line in lines if line.startswith("MiniLLM vs KD"))
     vs_seqkd = next(line for line in lines if line.startswith("MiniLLM vs SeqKD"))
     assert "-0.300" in vs_kd and vs_kd.count("significant (p") == 1
     assert "not distinguishable from noise" in vs_seqkd
     assert not any("CBD" in line for line in lines)
-    assert measures.objective_findings(rows[:2], stats.paired_comparison) == []
+    assert measures.objective_findings(rows[:2]) == []
 
 
 def test_measures_plots_are_written(tmp_path):

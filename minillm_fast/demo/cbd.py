@@ -33,6 +33,8 @@ import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from ..distill.plots import read_metrics
+
 # The rows this stage adds to the demo's table, after the others: (name, what it is).
 ROWS = (
     ("cbd", "CBD: interpolated anchors + KD"),
@@ -74,12 +76,6 @@ def chain_config(*, teacher: Path, tokenizer: Path, output_dir: Path, anchor_dir
 # ----------------------------------------------------------------------------------------------------------------------
 # the report's section
 # ----------------------------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _results(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -95,7 +91,7 @@ def _num(x: Optional[float], fmt: str = "{:.3f}") -> str:
 def row_numbers(out_dir: Path, name: str) -> dict:
     """Before and after of one row: the step-0 validation line and the selected checkpoint's (best/, else the last
     evaluation), test Rouge-L of the initialisation and of the trained model."""
-    evals = [r for r in _read_jsonl(out_dir / "runs" / name / "metrics.jsonl") if "eval/loss" in r]
+    evals = [r for r in read_metrics(out_dir / "runs" / name / "metrics.jsonl") if "eval/loss" in r]
     start = next((r for r in evals if r["step"] == 0), {})
     trained = [r for r in evals if r["step"] > 0]
     best = next((r for r in reversed(trained) if r.get("eval/best")), trained[-1] if trained else {})
@@ -172,7 +168,7 @@ def plot_before_after(out_dir: Path, path: Path, plt_factory: Callable) -> Optio
     fig, ax = plt.subplots(figsize=(6, 3.4))
     drawn = 0
     for name, label in ROWS:
-        recs = [r for r in _read_jsonl(Path(out_dir) / "runs" / name / "metrics.jsonl") if "eval/loss" in r]
+        recs = [r for r in read_metrics(Path(out_dir) / "runs" / name / "metrics.jsonl") if "eval/loss" in r]
         if recs:
             ax.plot([r["step"] for r in recs], [r["eval/loss"] for r in recs], marker="o", ms=3, label=label)
             drawn += 1

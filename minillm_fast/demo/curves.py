@@ -15,25 +15,13 @@ reach it (the paper's comparison: MiniLLM = SFT + the policy optimisation); the 
 """
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from ..distill.plots import read_metrics
+
 STARTS_FROM_SFT = ("minillm", "minillm_no_length_norm", "minillm_no_teacher_mix", "minillm_no_single_step")
-
-
-def _records(run_dir: Path) -> List[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue                       # a torn last line of a killed run
-    return out
 
 
 def series(run_dir: Path, start: Optional[Mapping[str, float]] = None, until_step: Optional[int] = None) -> List[dict]:
@@ -43,7 +31,7 @@ def series(run_dir: Path, start: Optional[Mapping[str, float]] = None, until_ste
     seconds = start.get("seconds", 0.0) if start else 0.0
     tokens = start.get("tokens", 0.0) if start else 0.0
     out = []
-    for r in _records(run_dir):
+    for r in read_metrics(Path(run_dir) / "metrics.jsonl"):
         if until_step is not None and r.get("step", 0) > until_step:
             break
         seconds += r.get("time/step_s", 0.0)
@@ -56,7 +44,7 @@ def series(run_dir: Path, start: Optional[Mapping[str, float]] = None, until_ste
 
 def _cost(run_dir: Path, until_step: Optional[int] = None) -> Dict[str, float]:
     """Optimiser seconds and training tokens of a run (up to ``until_step``)."""
-    recs = [r for r in _records(run_dir) if until_step is None or r.get("step", 0) <= until_step]
+    recs = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if until_step is None or r.get("step", 0) <= until_step]
     return {"seconds": sum(r.get("time/step_s", 0.0) for r in recs),
             "tokens": sum(r.get("train/tokens", 0.0) for r in recs),
             "steps": max((r.get("step", 0) for r in recs), default=0)}

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from . import stats
+
 LENGTHS = ("8", "16", "32")        # the ExAccErr(l) columns (distill/fidelity.REPORT_LENGTHS)
 
 
@@ -39,11 +41,11 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def objective_findings(rows: Sequence[dict], paired) -> List[str]:
+def objective_findings(rows: Sequence[dict]) -> List[str]:
     """Sentences on MiniLLM's own objective measured on the test set: the reverse KL(student || teacher), token mean
     over every seed's samples of every test prompt (``rev_kl`` of distill/fidelity.py; far less noisy than the
-    validation number of one seed), students ranked, and MiniLLM against each other student by ``paired``
-    (``stats.paired_comparison``) over the per-prompt values."""
+    validation number of one seed), students ranked, and MiniLLM against each other student by
+    ``stats.paired_comparison`` over the per-prompt values."""
     # the CBD rows train a larger student from other starts (their own section): not compared here
     have = {r["name"]: r for r in rows
             if r.get("test_rev_kl") is not None and r["name"] != "teacher" and not r["name"].startswith("cbd")}
@@ -54,17 +56,15 @@ def objective_findings(rows: Sequence[dict], paired) -> List[str]:
            f"(token mean over {len(have['minillm']['rev_kl_per_example'] or [])} prompts x every seed): "
            + ", ".join(f"{have[n]['label']} {have[n]['test_rev_kl']:.3f}" for n in ranked)
            + f"; MiniLLM is number {ranked.index('minillm') + 1} of {len(ranked)}."]
-    from .stats import verdict
-
     for name in ranked:
         if name == "minillm":
             continue
         a, b = have["minillm"].get("rev_kl_per_example"), have[name].get("rev_kl_per_example")
         if not a or not b or len(a) != len(b) or len(a) < 2:
             continue
-        t = paired(a, b)
+        t = stats.paired_comparison(a, b)
         out.append(f"MiniLLM vs {have[name]['label']}: {t['mean_diff']:+.3f} per-prompt reverse KL "
-                   f"[{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], {verdict(t['p'])}.")
+                   f"[{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], {stats.verdict(t['p'])}.")
     return out
 
 

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
+from ..distill.plots import read_metrics
 from . import curves, measures, stats
 
 __all__ = ["collect_rows", "markdown_table", "paired_table", "write_report", "plot_rouge", "plot_rev_kl",
@@ -90,12 +91,6 @@ seeds; "valid" = 100 validation examples, one seed):
 # ----------------------------------------------------------------------------------------------------------------------
 # numbers
 # ----------------------------------------------------------------------------------------------------------------------
-def _read_metrics(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def per_prompt_rouge(res: dict, references: Optional[Sequence[Sequence[str]]] = None) -> Optional[List[float]]:
     """``[N]`` each test prompt's Rouge-L (x 100, max over its references) averaged over the seeds: from the
     ``per_example`` scores of ``results.json``, or recomputed from its ``predictions`` and ``references`` (results
@@ -134,9 +129,9 @@ def collect_rows(out_dir, methods: Sequence[Tuple[str, str]], params: Mapping[st
             references = _test_references(out_dir)
         seeds = [m["rougeL"] for m in (res.get("per_seed") or {}).values()]
         ci = stats.mean_ci(seeds)[1:] if seeds else (None, None)
-        evals = [r for r in _read_metrics(out_dir / "runs" / name / "metrics.jsonl") if "eval/rougeL" in r]
+        evals = [r for r in read_metrics(out_dir / "runs" / name / "metrics.jsonl") if "eval/rougeL" in r]
         best = max(evals, key=lambda r: r["eval/rougeL"]) if evals else {}
-        steps = [r["time/step_s"] for r in _read_metrics(out_dir / "runs" / name / "metrics.jsonl")
+        steps = [r["time/step_s"] for r in read_metrics(out_dir / "runs" / name / "metrics.jsonl")
                  if "time/step_s" in r]
         rows.append({
             "name": name, "label": label,
@@ -365,7 +360,7 @@ def plot_rev_kl(runs: Mapping[str, Path], path, labels: Optional[Mapping[str, st
     if init_point and init_point.get("eval/rev_kl") is not None:
         start = {"eval/rev_kl": init_point["eval/rev_kl"], "eval/rougeL": init_point.get("eval/rougeL")}
     for name, run_dir in runs.items():
-        recs = [r for r in _read_metrics(Path(run_dir) / "metrics.jsonl") if "eval/rev_kl" in r]
+        recs = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "eval/rev_kl" in r]
         if not recs:
             continue
         if start:
@@ -457,7 +452,7 @@ def write_report(out_dir, rows: Sequence[dict], timings: Mapping[str, dict], inf
            "appendix B.4). distill/fidelity.py has the definitions.", "",
            measures.markdown_table(rows), ""]
     md += [f"* {s}" for s in measures.findings(rows)]
-    objective = measures.objective_findings(rows, stats.paired_comparison)
+    objective = measures.objective_findings(rows)
     students = {n: lab for n, lab in labels.items() if n != "teacher" and not n.startswith("cbd")}
     sft_step = (init_point or {}).get("step")
     runs = curves.all_series(out_dir, list(students), sft_step)

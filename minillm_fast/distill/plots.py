@@ -8,11 +8,19 @@ import os
 from collections import defaultdict
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` ([] when there is none); a line that is not JSON (the torn last line
+    of a run killed mid-write) is skipped, as a resumed run drops it (distill/faults.py)."""
     if not os.path.isfile(path):
         return []
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+    return out
 
 
 def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
